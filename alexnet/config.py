@@ -1,0 +1,295 @@
+"""The run config: everything one training run needs, validated once.
+
+A dotted key (``model.activation``) addresses any field; profiles are named bases of
+defaults; ablation arms and ``--set`` are dotted overrides on top of a profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alexnet.errors import ConfigError
+
+# Bump when the meaning of an existing field changes, so that old cell keys stop matching.
+CONFIG_SCHEMA_VERSION = 1
+
+Activation = Literal["relu", "tanh", "gelu", "leaky_relu", "elu", "sigmoid"]
+Norm = Literal["lrn", "bn", "none"]
+Pool = Literal["overlap", "nonoverlap"]
+Init = Literal["paper", "kaiming"]
+ModelName = Literal["alexnet", "alexnet_cifar", "convnet4"]
+Source = Literal["synthetic", "cifar10", "cifar100", "imagefolder"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: ModelName = "alexnet_cifar"
+    activation: Activation = "relu"
+    norm: Norm = "lrn"
+    pool: Pool = "overlap"  # overlap = 3/2 (Section 3.4), nonoverlap = 2/2
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)  # on fc6 and fc7 (Section 4.2)
+    init: Init = "paper"  # paper = N(0, 0.01), biases 1 in conv2/4/5 and hidden fc (Section 5)
+    towers: Literal[1, 2] = 1  # 2 = groups=2 in conv2, conv4, conv5 (Section 3.2)
+    width: float = Field(1.0, gt=0.0, le=8.0)  # multiplies every conv and hidden fc width
+
+
+class SyntheticConfig(_Section):
+    seed: int = 0  # the generated images depend on this alone, not on the run's seed
+    num_classes: int = Field(10, ge=2, le=1000)
+    train_size: int = Field(2000, ge=10)
+    val_size: int = Field(500, ge=10)
+    image_size: int = Field(32, ge=8, le=256)
+    noise: float = Field(0.35, ge=0.0)  # larger = harder to separate
+
+
+class DataConfig(_Section):
+    source: Source = "synthetic"
+    # cifar: where torchvision keeps (or downloads) the archives; imagefolder: the tree
+    # holding train/<class>/... . Not part of the cell key: the same data on another
+    # machine lives under another path.
+    root: str | None = None
+    download: bool = True  # cifar10/100 only; offline and absent gives a clear error
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # carved from train when there is no val/
+    split_seed: int = 0  # fixed across run seeds so every arm is scored on the same images
+    max_train: int | None = Field(None, ge=10)  # stratified subset of train, for CPU-sized runs
+    image_size: int = Field(32, ge=8)  # stored size: short side resized, centre-cropped
+    crop_size: int = Field(32, ge=8)  # the model's input (227 from 256, Section 4.1)
+    crop_padding: int = Field(4, ge=0)  # padded random crops at 32x32
+    random_crop: bool = True
+    flip: bool = True
+    pca_lighting: bool = True  # Section 4.1, eigen-decomposition of this training set
+    pca_std: float = Field(0.1, ge=0.0)
+    ten_crop: bool = False  # evaluation: average softmax over 10 crops (Section 4.1)
+    in_memory: bool = True  # False streams through ImageFolder + DataLoader workers
+    cache_dir: str | None = None  # default: $ALEXNET_CACHE or ~/.cache/alexnet-ablate
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)  # coupled L2, as torch.optim.SGD does
+
+
+class ScheduleConfig(_Section):
+    # plateau: divide by 10 when validation error stops improving, at most three
+    # times (Section 5); constant is what Figure 1's speed comparison needs.
+    kind: Literal["plateau", "cosine", "step", "constant"] = "plateau"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(3, ge=0)
+    max_decays: int = Field(3, ge=0)
+    step_epochs: int = Field(30, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(90, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
+    target_train_error: float = Field(0.25, gt=0.0, lt=1.0)  # Figure 1's line
+    stop_at_target: bool = False  # end the run once training error reaches the target
+
+
+class RuntimeConfig(_Section):
+    """How a run executes: changes speed, not the experiment, so not in the cell key."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA only
+    channels_last: bool = True  # applied on CUDA only
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)  # CPU threads for this run
+    num_workers: int = Field(4, ge=0)  # DataLoader workers on the streaming path
+    checkpoint: bool = True  # save at the end of every epoch, to resume
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    seed: int = 0
+
+    def flat(self) -> dict[str, Any]:
+        """Every value under its dotted key, e.g. {"model.activation": "relu", ...}."""
+        return flatten(self.model_dump(mode="json"))
+
+    def key(self) -> str:
+        """A stable hash of everything that affects training (see ``key_fields``)."""
+        payload = {"schema": CONFIG_SCHEMA_VERSION, **key_fields(self)}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Fields that change where or how fast a run happens but not what it computes.
+_NOT_IN_KEY_PREFIXES = ("runtime.", "data.root", "data.download", "data.cache_dir",
+                        "data.in_memory")
+
+
+def key_fields(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_IN_KEY_PREFIXES)}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    return list(RunConfig().flat())
+
+
+# --- profiles: named bases of defaults -------------------------------------------------
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # Embedded synthetic data and a tiny net: a whole grid in about a minute on a CPU.
+    "quick": {
+        "model.name": "alexnet_cifar",
+        "model.width": 0.125,
+        "data.source": "synthetic",
+        "data.synthetic.train_size": 1024,
+        "data.synthetic.val_size": 512,
+        "data.image_size": 32,
+        "data.crop_size": 32,
+        "data.crop_padding": 4,
+        "optim.lr": 0.02,
+        "optim.weight_decay": 5e-4,
+        "train.epochs": 4,
+        "train.batch_size": 64,
+        "schedule.kind": "constant",
+        "model.init": "kaiming",
+    },
+    # CIFAR-10 at its own 32x32 geometry (no upsampling to 227: 50x the compute).
+    "cifar": {
+        "model.name": "alexnet_cifar",
+        "data.source": "cifar10",
+        "data.image_size": 32,
+        "data.crop_size": 32,
+        "data.crop_padding": 4,
+        "optim.lr": 0.01,
+        "train.epochs": 30,
+        "train.batch_size": 128,
+        "schedule.kind": "plateau",
+        "schedule.patience": 2,
+    },
+    # The paper's recipe (Section 5) on an image folder such as ImageNet at 227 from 256.
+    "imagenet": {
+        "model.name": "alexnet",
+        "model.towers": 2,
+        "data.source": "imagefolder",
+        "data.image_size": 256,
+        "data.crop_size": 227,
+        "data.crop_padding": 0,
+        "data.in_memory": False,
+        "optim.lr": 0.01,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 5e-4,
+        "train.epochs": 90,
+        "train.batch_size": 128,
+        "schedule.kind": "plateau",
+        "schedule.max_decays": 3,
+    },
+}
+
+# What --quick replaces in any ablation's base: the data, the size and the epochs. The
+# axes (activation, norm, ...) are kept.
+QUICK_KEYS = ("data.", "model.width", "train.epochs", "train.batch_size")
+
+
+def quick_overrides() -> dict[str, Any]:
+    return {k: v for k, v in PROFILES["quick"].items() if k.startswith(QUICK_KEYS)}
+
+
+# --- building a run config from a profile and dotted overrides --------------------------
+
+
+def suggest_key(key: str) -> str:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    sections = sorted({k.split(".")[0] for k in valid_keys()})
+    return f"valid keys start with {', '.join(s + '.' for s in sections if s != 'seed')} or are 'seed'"
+
+
+def check_key(key: str, where: str) -> None:
+    if key not in valid_keys():
+        raise ConfigError(f"{where}: unknown key '{key}'; {suggest_key(key)}")
+
+
+def apply_overrides(
+    base: dict[str, Any], overrides: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """Return a copy of the flat mapping ``base`` with dotted ``overrides`` applied."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        check_key(key, where)
+        out[key] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def describe_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    got = first.get("input")
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {key}: {first['msg']} (got {got!r}){more}"
+
+
+def build_config(
+    profile: str = "quick", overrides: dict[str, Any] | None = None, where: str = "config"
+) -> RunConfig:
+    """A validated RunConfig: the profile's defaults, then the dotted overrides in order."""
+    if profile not in PROFILES:
+        raise ConfigError(
+            f"{where}: unknown profile '{profile}'; choose one of {', '.join(PROFILES)}"
+        )
+    flat = apply_overrides(PROFILES[profile], overrides or {}, where)
+    try:
+        return RunConfig.model_validate(unflatten(flat))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, where)) from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as YAML scalars (0.1, true, tanh, null)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.02")
+        key = key.strip()
+        check_key(key, "--set")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
