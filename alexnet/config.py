@@ -224,7 +224,8 @@ def suggest_key(key: str) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     sections = sorted({k.split(".")[0] for k in valid_keys()})
-    return f"valid keys start with {', '.join(s + '.' for s in sections if s != 'seed')} or are 'seed'"
+    starts = ", ".join(s + "." for s in sections if s != "seed")
+    return f"valid keys start with {starts} or are 'seed'"
 
 
 def check_key(key: str, where: str) -> None:
