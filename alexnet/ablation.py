@@ -48,10 +48,12 @@ class AblationFile(BaseModel):
     @field_validator("axes", mode="before")
     @classmethod
     def _arms_may_be_empty_mappings(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {a: {arm: (o or {}) for arm, o in (arms or {}).items()} if isinstance(arms, dict)
-                    else arms for a, arms in v.items()}
-        return v
+        # `norm:` with nothing under it is an empty axis (reported later), not a type error;
+        # `relu:` with nothing under it is an arm with no overrides.
+        if not isinstance(v, dict):
+            return v
+        return {a: {arm: (o or {}) for arm, o in arms.items()} if isinstance(arms, dict)
+                else (arms or {}) for a, arms in v.items()}
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def load_ablation(name_or_path: str, _seen: tuple[str, ...] = ()) -> Ablation:
     path = find_ablation(name_or_path)
     text = path.read_text()
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        with path.open() as fh:  # from a file, so that marks carry its name
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark else ""
