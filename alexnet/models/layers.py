@@ -1,0 +1,190 @@
+"""The building blocks, and the factories that turn an ablation arm's name into a layer.
+
+A design choice reaches a model as a name (``get_activation("tanh")``), the way timm's
+``create_act`` / ``create_norm`` do it: the models never branch on the axis themselves,
+so adding an arm means adding one line to a table here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.config import Activation, Init, Norm, Pool
+from alexnet.errors import ConfigError
+
+# The allowed values are the config's Literal types, so the factories, the run config and
+# the error messages cannot disagree about what an arm may be called.
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+NORMS: tuple[str, ...] = get_args(Norm)
+POOLS: tuple[str, ...] = get_args(Pool)
+INITS: tuple[str, ...] = get_args(Init)
+
+LEAKY_SLOPE = 0.01  # PyTorch's default; the kaiming gain below uses the same value
+
+
+def check_choice(axis: str, value: object, allowed: tuple[object, ...]) -> None:
+    """Raise a one-line ConfigError naming the allowed values when ``value`` is not one."""
+    if value not in allowed:
+        choices = ", ".join(str(a) for a in allowed)
+        raise ConfigError(f"unknown {axis} {value!r}; choose one of {choices}")
+
+
+def get_activation(name: str) -> nn.Module:
+    """A fresh activation module for an arm of the ``activation`` axis (Section 3.1)."""
+    check_choice("activation", name, ACTIVATIONS)
+    # In-place where it is safe and common: saves one activation map per layer on the GPU.
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+    return {"tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "sigmoid": nn.Sigmoid}[name]()
+
+
+def paper_lrn() -> nn.LocalResponseNorm:
+    """Section 3.3: k=2, n=5, alpha=1e-4, beta=0.75.
+
+    PyTorch divides alpha by the window size (it averages the squares where the paper sums
+    them), so the paper's alpha=1e-4 is written alpha=5e-4 here. Writing 1e-4 is the
+    common 5x slip (Caffe's reference model has it too).
+    """
+    return nn.LocalResponseNorm(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
+
+
+def get_norm(name: str, channels: int) -> nn.Module:
+    """A normalization layer for an arm of the ``norm`` axis.
+
+    ``lrn`` is the paper's cross-map LRN; ``bn`` is BatchNorm2d (Ioffe & Szegedy 2015, a
+    modern substitute the paper could not have used); ``none`` is the identity. Where each
+    goes is the model's business (see ``conv_block``).
+    """
+    check_choice("norm", name, NORMS)
+    if name == "lrn":
+        return paper_lrn()
+    if name == "bn":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+def get_pool(name: str) -> nn.MaxPool2d:
+    """Section 3.4: ``overlap`` is max-pool 3x3 stride 2, ``nonoverlap`` is 2x2 stride 2."""
+    check_choice("pool", name, POOLS)
+    return nn.MaxPool2d(kernel_size=3, stride=2) if name == "overlap" else nn.MaxPool2d(2, 2)
+
+
+def conv_block(
+    index: int,
+    conv: nn.Module,
+    channels: int,
+    activation: str,
+    norm: str,
+    lrn_here: bool,
+    kind: str = "conv",
+) -> list[tuple[str, nn.Module]]:
+    """``conv{i}`` (or ``{kind}{i}``) and what follows it, as named layers for a Sequential.
+
+    - ``bn``: BatchNorm after every conv, before its activation, as Ioffe & Szegedy place
+      it. A departure from the paper, which has no BN; it is an arm, not the default.
+    - ``lrn``: after the activation, and only where the model asks (``lrn_here``): the
+      paper normalizes conv1 and conv2 only, after their ReLU (Section 3.3).
+    - ``none``: conv and activation alone.
+    """
+    check_choice("norm", norm, NORMS)
+    layers: list[tuple[str, nn.Module]] = [(f"{kind}{index}", conv)]
+    if norm == "bn":
+        layers.append((f"bn{index}", get_norm("bn", channels)))
+    layers.append((f"act{index}", get_activation(activation)))
+    if norm == "lrn" and lrn_here:
+        layers.append((f"lrn{index}", get_norm("lrn", channels)))
+    return layers
+
+
+def scaled(channels: int, width: float, divisor: int = 1) -> int:
+    """``channels * width`` rounded to the nearest multiple of ``divisor`` (at least one).
+
+    With two towers every conv width must split evenly into the two groups, so the
+    divisor is the number of towers.
+    """
+    return max(divisor, round(channels * width / divisor) * divisor)
+
+
+class LocallyConnected2d(nn.Module):
+    """A convolution whose filters are not shared across positions (cuda-convnet "local").
+
+    Every output position (i, j) has its own ``out_channels x in_channels x k x k`` filter
+    and its own bias, so the layer needs the input's (square) spatial size up front. The
+    input is cut into patches with ``F.unfold`` and each position's patches meet that
+    position's filter in one batched matmul (``einsum``), instead of a Python loop over
+    positions.
+
+    weight: (positions, out_channels, in_channels * k * k); bias: (out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        input_size: int,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.input_size = input_size
+        self.output_size = (input_size + 2 * padding - kernel_size) // stride + 1
+        if self.output_size < 1:
+            raise ConfigError(
+                f"locally connected layer: input {input_size}x{input_size} is smaller than "
+                f"its {kernel_size}x{kernel_size} kernel"
+            )
+        positions = self.output_size**2
+        self.weight = nn.Parameter(
+            torch.empty(positions, out_channels, in_channels * kernel_size**2)
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels, self.output_size, self.output_size))
+        # PyTorch-style default init (as nn.Conv2d); the models re-initialize anyway.
+        bound = 1 / math.sqrt(self.fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    @property
+    def fan_in(self) -> int:
+        # Not weight[0].numel(): the leading dimension is positions, not output channels.
+        return self.weight.shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            raise ValueError(
+                f"LocallyConnected2d was built for {self.input_size}x{self.input_size} "
+                f"inputs, got {tuple(x.shape[-2:])}"
+            )
+        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+        out = torch.einsum("bkl,lok->bol", patches, self.weight)  # (batch, out, positions)
+        return out.reshape(x.shape[0], self.out_channels, self.output_size, -1) + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"input_size={self.input_size}, stride={self.stride}, padding={self.padding}"
+        )
+
+
+@torch.no_grad()
+def output_shape(module: nn.Module, in_channels: int, size: int) -> torch.Size:
+    """The shape ``module`` gives a (1, in_channels, size, size) input: one dummy forward.
+
+    This is how flatten sizes are computed rather than hard-coded (they change with the
+    pooling arm on 32x32 inputs). Eval mode, so BatchNorm's running statistics are not
+    touched by the dummy zeros.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        return module(torch.zeros(1, in_channels, size, size)).shape
+    finally:
+        module.train(was_training)
