@@ -334,7 +334,6 @@ def describe_model(
     init: Annotated[str | None, typer.Option(help="paper | kaiming")] = None,
     towers: Annotated[int | None, typer.Option(help="1 | 2")] = None,
     width: Annotated[float | None, typer.Option()] = None,
-    input_size: Annotated[int | None, typer.Option(help="Default: the model's own.")] = None,
 ) -> None:
     """A per-layer table (output shape, parameters) and the total."""
     from alexnet.config import ModelConfig
@@ -354,8 +353,8 @@ def describe_model(
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, "describe-model")) from None
     model = build_model_from_config(cfg, num_classes=num_classes)
-    rows, total = describe(model, input_size or native_size(name))
-    console.print(render_table(rows, total))
+    rows = describe(model, native_size(name))
+    console.print(render_table(rows, sum(p.numel() for p in model.parameters())))
 
 
 def main() -> None:

@@ -252,6 +252,10 @@ def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
             scheduler.step(val_error)
         elif scheduler is not None:
             scheduler.step()
+        # Report before saving: if the process dies in between, the epoch is trained and
+        # reported again on resume (same numbers), rather than saved but never reported.
+        if on_epoch is not None:
+            on_epoch(metrics)
         if checkpoint_path is not None and cfg.runtime.checkpoint:
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT, "cell_key": key, "epoch": epoch,
@@ -261,6 +265,4 @@ def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
                 "epochs_to_target": result.epochs_to_target,
                 "train_seconds": result.train_seconds, "rng": _rng_state(device),
                 "config": cfg.model_dump(mode="json")})
-        if on_epoch is not None:
-            on_epoch(metrics)
     return result
