@@ -1,0 +1,103 @@
+"""The interface the training loop sees, shared by the in-memory and the streaming path.
+
+Both paths agree on three rules that make runs comparable and resumable:
+
+- an epoch's randomness (shuffle, crops, flips, lighting) comes only from ``(seed, epoch)``,
+  so a run resumed at epoch k replays epoch k exactly;
+- the last partial training batch is kept when it holds at least half a batch and dropped
+  otherwise (see ``steps_per_epoch``);
+- evaluation crops come from the same canvas as training crops (Section 4.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-channel mean/std and the RGB covariance's eigen-decomposition, in [0,1] units.
+
+    ``eigvals`` are sorted largest first; ``eigvecs[:, i]`` belongs to ``eigvals[i]``
+    (columns, as in the paper's ImageNet constants).
+    """
+
+    mean: Tensor  # (3,)
+    std: Tensor  # (3,)
+    eigvals: Tensor  # (3,)
+    eigvecs: Tensor  # (3, 3)
+
+    def to(self, device: torch.device) -> Stats:
+        return Stats(*(t.to(device=device, dtype=torch.float32) for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.mean, self.std, self.eigvals, self.eigvecs
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "std": self.std, "eigvals": self.eigvals,
+                "eigvecs": self.eigvecs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Tensor]) -> Stats:
+        return cls(d["mean"], d["std"], d["eigvals"], d["eigvecs"])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed from (run seed, epoch) alone: the same on every machine and process."""
+    digest = hashlib.sha256(f"alexnet-data/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def steps_for(n: int, batch_size: int) -> int:
+    """Training batches in an epoch of ``n`` images.
+
+    The tail batch is kept when it is at least half a batch (or the only batch): dropping it
+    would lose up to half a batch of images per epoch on small subsets, while a tiny tail
+    would be a noisy step whose few images weigh as much as a whole batch. The dropped
+    images differ every epoch, since the shuffle does.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    full, tail = divmod(n, batch_size)
+    keep_tail = tail > 0 and (full == 0 or 2 * tail >= batch_size)
+    return full + int(keep_tail)
+
+
+class Data(ABC):
+    """A dataset ready for training: batches on ``device``, normalised, augmented."""
+
+    classes: list[str]
+    train_size: int
+    val_size: int
+    fingerprint: str  # short hex id of the source and its files, logged as a tag
+    input_size: int  # == cfg.crop_size, what the model sees
+    stats: Stats  # of the training split, on the CPU
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_for(self.train_size, batch_size)
+
+    @abstractmethod
+    def train_batches(
+        self, epoch: int, batch_size: int, seed: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Augmented float32 images (B,3,c,c) and int64 labels, shuffled by (seed, epoch)."""
+
+    @abstractmethod
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Validation images, centre crop (B,3,c,c) or ten crops (B,10,3,c,c), and labels."""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(classes={self.num_classes}, train={self.train_size}, "
+                f"val={self.val_size}, input={self.input_size}, fingerprint={self.fingerprint},"
+                f" device={self.device})")

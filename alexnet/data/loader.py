@@ -1,0 +1,207 @@
+"""``open_data``: a source decoded (or read from the cache) into uint8 tensors on the device.
+
+The whole training split lives on the training device as one uint8 tensor (airbench's
+design): an epoch is a permutation, and every batch is an index, a gather and a
+multiply-add on that device; the host never waits on a tensor value.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from alexnet.config import DataConfig
+from alexnet.data import cifar, folder, synthetic
+from alexnet.data.augment import Augment, draw_epoch, eval_batch, train_batch
+from alexnet.data.base import Data, Stats, epoch_seed
+from alexnet.data.cache import cache_dir, cached, digest
+from alexnet.data.split import carve_val, subset
+from alexnet.data.stats import compute_stats
+from alexnet.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+T = TypeVar("T")
+
+
+@dataclass
+class Decoded:
+    """A source's images before splitting; ``val_images`` None means carve from train."""
+
+    images: Tensor  # uint8 (N,3,S,S), CPU
+    labels: Tensor  # int64 (N,)
+    classes: list[str]
+    val_images: Tensor | None
+    val_labels: Tensor | None
+    fingerprint: str
+    cache_file: Path | None  # stats are cached beside it; None: not cached (synthetic)
+
+
+def open_data(cfg: DataConfig, device: torch.device | str, num_workers: int = 4) -> Data:
+    """Load ``cfg``'s source, split it, compute its stats, and put it on ``device``.
+
+    ``in_memory=False`` streams an image folder through DataLoader workers (``num_workers``
+    of them); synthetic and CIFAR data are small and always held in memory.
+    """
+    device = torch.device(device)
+    check_geometry(cfg)
+    if cfg.source == "imagefolder" and not cfg.in_memory:
+        from alexnet.data.stream import open_stream
+
+        return open_stream(cfg, device, num_workers)
+
+    started = time.perf_counter()
+    src = decode_source(cfg)
+    if src.val_images is None:
+        train_idx, val_idx = carve_val(src.labels, cfg.val_fraction, cfg.split_seed)
+        val_images, val_labels = src.images[val_idx], src.labels[val_idx]
+    else:
+        train_idx = torch.arange(src.labels.numel())
+        val_images, val_labels = src.val_images, src.val_labels
+    train_idx = subset(train_idx, src.labels, cfg.max_train, cfg.split_seed)
+    if train_idx.numel() == 0:
+        raise DataError(f"{cfg.source}: the training split is empty after carving "
+                        f"val_fraction={cfg.val_fraction}; lower data.val_fraction")
+    train_images, train_labels = src.images[train_idx], src.labels[train_idx]
+    stats = split_stats(cfg, src, train_images)
+    data = TensorData(cfg, device, train_images, train_labels, val_images, val_labels,
+                      src.classes, src.fingerprint, stats)
+    log.info("data ready in %.1f s: %r", time.perf_counter() - started, data)
+    return data
+
+
+def check_geometry(cfg: DataConfig) -> None:
+    if cfg.crop_size > cfg.image_size:
+        raise ConfigError(
+            f"data.crop_size={cfg.crop_size} is larger than data.image_size={cfg.image_size};"
+            " crops (and the evaluation centre crop) come from the image_size canvas")
+
+
+def decode_source(cfg: DataConfig) -> Decoded:
+    if cfg.source == "synthetic":
+        return decode_synthetic(cfg)
+    if cfg.source in cifar.RELEASES:
+        return decode_cifar(cfg)
+    return decode_folder(cfg)
+
+
+def decode_synthetic(cfg: DataConfig) -> Decoded:
+    """Generated in well under a second, so never cached."""
+    g = synthetic.generate(cfg.synthetic)
+    train, val = g["train_images"], g["val_images"]
+    if cfg.image_size != cfg.synthetic.image_size:
+        train, val = (folder.to_canvas(x, cfg.image_size) for x in (train, val))
+    fingerprint = digest("synthetic", synthetic.fingerprint(cfg.synthetic), cfg.image_size)
+    return Decoded(train, g["train_labels"], synthetic.class_names(cfg.synthetic.num_classes),
+                   val, g["val_labels"], fingerprint, None)
+
+
+def decode_cifar(cfg: DataConfig) -> Decoded:
+    root = cifar.root_of(cfg)
+    cifar.ensure_present(cfg, root)
+    key = cifar.files_key(cfg, root)
+    path = cache_file(cfg, str(root.resolve()))
+    payload = cached(path, key, lambda: timed(f"decoding {cfg.source} from {root}",
+                                              lambda: cifar.decode(cfg, root)))
+    return Decoded(payload["images"], payload["labels"], payload["classes"], None, None,
+                   key, path)
+
+
+def decode_folder(cfg: DataConfig) -> Decoded:
+    listing = folder.scan(cfg.root)
+    key = listing.key(cfg.image_size)
+    path = cache_file(cfg, str(listing.root.resolve()))
+
+    def build() -> dict[str, Any]:
+        train = folder.decode_all([p for p, _ in listing.train], cfg.image_size)
+        out = {"images": train, "labels": labels_of(listing.train),
+               "classes": listing.classes}
+        if listing.val is not None:
+            out["val_images"] = folder.decode_all([p for p, _ in listing.val], cfg.image_size)
+            out["val_labels"] = labels_of(listing.val)
+        return out
+
+    n = len(listing.train) + len(listing.val or [])
+    payload = cached(path, key, lambda: timed(
+        f"decoding {n:,} images from {listing.root} (once; cached in {path})", build))
+    return Decoded(payload["images"], payload["labels"], payload["classes"],
+                   payload.get("val_images"), payload.get("val_labels"), key, path)
+
+
+def labels_of(samples: list[tuple[str, int]]) -> Tensor:
+    return torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+def cache_file(cfg: DataConfig, location: str) -> Path:
+    """One file per (source, location, image size); the key of its files is inside."""
+    return cache_dir(cfg) / f"{cfg.source}-{digest(location, cfg.image_size)}.pt"
+
+
+def split_stats(cfg: DataConfig, src: Decoded, train_images: Tensor) -> Stats:
+    """Stats of this training split, cached beside the data (keyed by its fingerprint)."""
+    if src.cache_file is None:
+        return compute_stats(train_images)
+    split = digest(STATS_VERSION, src.val_images is None, cfg.val_fraction, cfg.split_seed,
+                   cfg.max_train)
+    path = src.cache_file.with_name(f"{src.cache_file.stem}.stats-{split}.pt")
+    return Stats.from_dict(cached(path, src.fingerprint,
+                                  lambda: compute_stats(train_images).to_dict()))
+
+
+def timed(what: str, build: Callable[[], T]) -> T:
+    log.info("%s ...", what)
+    started = time.perf_counter()
+    out = build()
+    log.info("%s: done in %.1f s", what, time.perf_counter() - started)
+    return out
+
+
+class TensorData(Data):
+    """The in-memory path: uint8 tensors on ``device``, augmented there batch by batch."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device, train_images: Tensor,
+                 train_labels: Tensor, val_images: Tensor, val_labels: Tensor,
+                 classes: list[str], fingerprint: str, stats: Stats) -> None:
+        self.device = device
+        self.classes = list(classes)
+        self.fingerprint = fingerprint
+        self.input_size = cfg.crop_size
+        self.stats = stats
+        self.aug = Augment.from_config(cfg)
+        self.ten_crop = cfg.ten_crop
+        self.train_images = train_images.to(device)
+        self.train_labels = train_labels.to(device)
+        self.val_images = val_images.to(device)
+        self.val_labels = val_labels.to(device)
+        self.train_size = int(train_labels.numel())
+        self.val_size = int(val_labels.numel())
+        self._stats = stats.to(device)
+
+    def train_batches(
+        self, epoch: int, batch_size: int, seed: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        n, steps = self.train_size, self.steps_per_epoch(batch_size)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(epoch_seed(seed, epoch))
+        # The permutation first, then the augmentation draws: the streaming path draws its
+        # permutation first too, so on a CPU both shuffle identically.
+        order = torch.randperm(n, generator=g, device=self.device)
+        draws = draw_epoch(n, self.aug, g)
+        for i in range(steps):
+            a, b = i * batch_size, min((i + 1) * batch_size, n)
+            idx = order[a:b]
+            x = train_batch(self.train_images[idx], draws.window(a, b), self.aug, self._stats)
+            yield x, self.train_labels[idx]
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for a in range(0, self.val_size, batch_size):
+            x, y = self.val_images[a:a + batch_size], self.val_labels[a:a + batch_size]
+            yield eval_batch(x, self.aug, self._stats, self.ten_crop), y
