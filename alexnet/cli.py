@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alexnet.errors import AblateError, ConfigError
 
@@ -23,8 +24,9 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Which of AlexNet's design choices matter? Run ablation grids, track them in MLflow, "
          "tune them with Optuna, and report measured deltas beside the paper's.")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| tee`) gets a width that fits the tables instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 _state = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,7 +42,8 @@ def user_errors(fn: F) -> F:
         except AblateError as err:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -192,7 +195,7 @@ def run(
     if tuned:
         from alexnet.sweep import apply_tuned
 
-        cells = apply_tuned(cells, quick=quick)
+        cells = apply_tuned(cells, uri)
     if dry_run:
         _print_plan(uri, cells)
         return
@@ -355,6 +358,11 @@ def describe_model(
     model = build_model_from_config(cfg, num_classes=num_classes)
     rows = describe(model, native_size(name))
     console.print(render_table(rows, sum(p.numel() for p in model.parameters())))
+
+
+from alexnet.sweep_cli import sweep  # noqa: E402 - imports its heavy parts when run
+
+app.command()(sweep)
 
 
 def main() -> None:

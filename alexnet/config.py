@@ -170,7 +170,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.crop_padding": 4,
         "optim.lr": 0.01,
         "optim.weight_decay": 5e-4,
-        "train.epochs": 4,
+        "train.epochs": 8,
         "train.batch_size": 32,  # 256 steps in all: enough for a tiny net to learn
         "schedule.kind": "constant",
         "model.init": "kaiming",

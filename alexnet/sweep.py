@@ -487,15 +487,6 @@ def _runs_lock(lock_dir: Path) -> Any:
     return FileLock(str(lock_dir / ".ablate-sweep-runs.lock"), timeout=600)
 
 
-def _mlflow_client(uri: str, lock_dir: Path) -> Any:
-    """A client whose store exists: two processes creating one SQLite store at once
-    collide in MLflow's migrations ("duplicate column name"), so the first does it alone."""
-    with _runs_lock(lock_dir):
-        c = tracking.client(uri)
-        c.search_experiments(max_results=1)
-    return c
-
-
 def sweep_parent_run(c: Any, uri: str, experiment_id: str, cell: Cell, study: str,
                      store: Store, lock_dir: Path, extra_tags: dict[str, Any]) -> str:
     """Find or create the arm's sweep run; under a file lock, so that two processes
@@ -865,7 +856,7 @@ def run_sweep(arms: list[Cell], uri: str, store: Store, opts: SweepOptions, *,
     storage = store.open(create=True)  # unreachable → StoreError before anything runs
     preflight_data(arms, opts.jobs)
     lock_dir = tracking.local_store_dir(uri) or store.lock_dir
-    c = _mlflow_client(uri, lock_dir)
+    c = tracking.client(uri)  # creates a new store under its own lock
     space = opts.space
     tags = {"sampler": opts.sampler,
             "pruner": opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__,

@@ -91,12 +91,19 @@ def check_store(uri: str, *, create: bool = True) -> None:
 
 def client(uri: str) -> Any:
     """An MlflowClient on ``uri``, creating a local default store's folder if needed."""
+    from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
     store = local_store_dir(uri)
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if store is None:
+        return MlflowClient(tracking_uri=uri)
+    store.mkdir(parents=True, exist_ok=True)
+    # Two processes creating a new SQLite store at once make MLflow fail ("duplicate
+    # column name"): the first creates the tables under the lock, the rest wait for it.
+    with FileLock(str(store / ".create.lock"), timeout=600):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # creates and migrates the tables
+    return c
 
 
 def get_experiment_id(c: Any, uri: str, name: str, *, create: bool = True) -> str | None:
