@@ -210,9 +210,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# What --quick replaces in any ablation's base: the data, the size and the epochs. The
-# axes (activation, norm, ...) are kept.
-QUICK_KEYS = ("data.", "model.width", "train.epochs", "train.batch_size")
+# What --quick replaces in any ablation's base: the data and the epochs; the size is
+# scaled (ablation.QUICK_WIDTH_SCALE), not set. The axes (activation, norm, ...) are kept.
+QUICK_KEYS = ("data.", "train.epochs", "train.batch_size")
 
 
 def quick_overrides() -> dict[str, Any]:

@@ -78,6 +78,8 @@ def test_quick_keeps_the_axes_and_scales_width(tmp_path):
     assert quick["two"].model.towers == 2 and quick["one"].model.towers == 1
     assert quick["one"].model.width == pytest.approx(0.5 * QUICK_WIDTH_SCALE)
     assert quick["two"].model.width == pytest.approx(QUICK_WIDTH_SCALE)
+    relu = load_ablation("relu_vs_tanh").cells(quick=True, seeds=[0])[0]
+    assert relu.config.model.width == pytest.approx(QUICK_WIDTH_SCALE)  # scaled once
 
 
 def test_key_is_stable_across_processes_and_ignores_runtime():
