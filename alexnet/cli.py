@@ -168,6 +168,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Rerun finished cells too.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; run nothing.")
                        ] = False,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="Save a torch.profiler trace of a few steps in each run.")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped."""
@@ -205,7 +207,8 @@ def run(
 
     with RichProgress(console) as progress:
         result = run_ablation(ab, cells, uri, jobs=jobs, force=force, progress=progress,
-                              extra_parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
+                              extra_parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])},
+                              profile=profile)
     _print_summary(result.outcomes)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} of {len(result.outcomes)} cells failed "

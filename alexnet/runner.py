@@ -7,6 +7,7 @@ its own run (SQLite waits on its lock; MLflow sets a 20 s busy timeout).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -24,6 +25,7 @@ import yaml
 from alexnet import tracking
 from alexnet.ablation import Ablation, Cell
 from alexnet.errors import AblateError
+from alexnet.instrument import StepProfiler, system_metrics
 from alexnet.results import EpochMetrics, RunResult
 
 Action = Literal["skip", "resume", "new", "running"]
@@ -112,9 +114,11 @@ Event = tuple[str, str, Any]  # (kind, cell key, payload)
 
 
 def execute_cell(uri: str, experiment_id: str, parent_run_id: str | None, planned: Planned,
-                 emit: Callable[[Event], None] | None = None) -> Outcome:
+                 emit: Callable[[Event], None] | None = None, *, profile: bool = False
+                 ) -> Outcome:
     """Train one cell inside its MLflow run. Failures become FAILED runs, never raise
-    (except Ctrl-C, which marks the run KILLED and propagates)."""
+    (except Ctrl-C, which marks the run KILLED and propagates). With ``profile``, a
+    torch.profiler trace of a few steps is saved as the run's artifact profile/trace.json."""
     from alexnet.train import train_run
 
     cell = planned.cell
@@ -143,8 +147,16 @@ def execute_cell(uri: str, experiment_id: str, parent_run_id: str | None, planne
         tracking.set_tags(c, run_id, {"dataset_fingerprint": data.fingerprint})
         if emit:
             emit(("start", cell.key, cell.config.train.epochs))
-        result = train_run(cell.config, checkpoint_path=ckpt, on_epoch=on_epoch,
-                           on_step=on_step, data=data)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(system_metrics(run_id, uri, resume=resume_id is not None))
+            step_hook = on_step
+            if profile:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                profiler = stack.enter_context(StepProfiler(folder))
+                step_hook = profiler.chain(on_step)
+                stack.callback(_log_trace, c, run_id, profiler)
+            result = train_run(cell.config, checkpoint_path=ckpt, on_epoch=on_epoch,
+                               on_step=step_hook, data=data)
     except KeyboardInterrupt:
         tracking.fail_cell_run(c, run_id, "interrupted (Ctrl-C); resumes on the next run",
                                status="KILLED")
@@ -162,6 +174,11 @@ def execute_cell(uri: str, experiment_id: str, parent_run_id: str | None, planne
     ckpt.unlink(missing_ok=True)
     state: State = "finished" if result.status == "finished" else "diverged"
     return Outcome(cell, state, run_id, result.reason, result.final)
+
+
+def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
+    if profiler.trace.exists():
+        c.log_artifact(run_id, str(profiler.trace), artifact_path="profile")
 
 
 def _log_text(c: Any, run_id: str, text: str, name: str) -> None:
@@ -206,11 +223,12 @@ def plot_learning_curves(result: RunResult, cell: Cell, path: Path) -> None:
 # --- worker processes --------------------------------------------------------------------
 
 _EVENTS: Any = None
+_PROFILE = False
 
 
-def _init_worker(threads: int | None, events: Any) -> None:
-    global _EVENTS
-    _EVENTS = events
+def _init_worker(threads: int | None, events: Any, profile: bool) -> None:
+    global _EVENTS, _PROFILE
+    _EVENTS, _PROFILE = events, profile
     if threads:
         import torch
 
@@ -220,7 +238,8 @@ def _init_worker(threads: int | None, events: Any) -> None:
 
 def _worker(uri: str, experiment_id: str, parent_run_id: str | None, planned: Planned
             ) -> Outcome:
-    return execute_cell(uri, experiment_id, parent_run_id, planned, emit=_EVENTS.put)
+    return execute_cell(uri, experiment_id, parent_run_id, planned, emit=_EVENTS.put,
+                        profile=_PROFILE)
 
 
 def threads_per_job(jobs: int, device: str) -> int | None:
@@ -253,7 +272,8 @@ class Progress:
 
 def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *, jobs: int = 1,
                  force: bool = False, progress: Progress | None = None,
-                 extra_parent_tags: dict[str, str] | None = None) -> GridResult:
+                 extra_parent_tags: dict[str, str] | None = None, profile: bool = False
+                 ) -> GridResult:
     """Run every cell of ``ablation`` (or of each member of a composite) into the store."""
     progress = progress or Progress()
     c = tracking.client(uri)
@@ -286,9 +306,9 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *, jobs: int =
                                            "seeds": sorted({p.cell.seed for p in planned})})
         try:
             if jobs <= 1:
-                done = _run_here(uri, exp_id, parent_id, todo, progress)
+                done = _run_here(uri, exp_id, parent_id, todo, progress, profile)
             else:
-                done = _run_pool(uri, exp_id, parent_id, todo, jobs, progress)
+                done = _run_pool(uri, exp_id, parent_id, todo, jobs, progress, profile)
         except KeyboardInterrupt:
             c.set_terminated(parent_id, status="KILLED")
             raise
@@ -299,19 +319,20 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *, jobs: int =
 
 
 def _run_here(uri: str, exp_id: str, parent_id: str, todo: list[Planned],
-              progress: Progress) -> list[Outcome]:
+              progress: Progress, profile: bool) -> list[Outcome]:
     by_key = {p.cell.key: p.cell for p in todo}
     out = []
     for p in todo:
         outcome = execute_cell(uri, exp_id, parent_id, p,
-                               emit=lambda e: progress.cell_event(by_key[e[1]], e[0], e[2]))
+                               emit=lambda e: progress.cell_event(by_key[e[1]], e[0], e[2]),
+                               profile=profile)
         progress.cell_done(outcome)
         out.append(outcome)
     return out
 
 
 def _run_pool(uri: str, exp_id: str, parent_id: str, todo: list[Planned], jobs: int,
-              progress: Progress) -> list[Outcome]:
+              progress: Progress, profile: bool) -> list[Outcome]:
     ctx = mp.get_context("spawn")  # fork after torch and MLflow have threads is unsafe
     manager = ctx.Manager()
     events = manager.Queue()
@@ -319,7 +340,7 @@ def _run_pool(uri: str, exp_id: str, parent_id: str, todo: list[Planned], jobs: 
     threads = threads_per_job(jobs, todo[0].cell.config.runtime.device)
     out = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, events)) as pool:
+                             initargs=(threads, events, profile)) as pool:
         pending = {pool.submit(_worker, uri, exp_id, parent_id, p): p for p in todo}
         while pending:
             finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
