@@ -175,24 +175,11 @@ def run(
     """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped."""
     from alexnet import tracking
     from alexnet.ablation import load_ablation
-    from alexnet.config import parse_set
 
     uri = tracking.tracking_uri(tracking_uri)
     tracking.check_store(uri)
     ab = load_ablation(name)
-    overrides: dict[str, Any] = {}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    if dataset is not None:
-        overrides["data.source"] = dataset
-    if data_root is not None:
-        if not data_root.exists():
-            raise ConfigError(f"--data-root {data_root}: no such directory; point it at the "
-                              "folder holding train/<class>/... or the CIFAR archives")
-        overrides["data.root"] = str(data_root.resolve())
-    if device is not None:
-        overrides["runtime.device"] = device
-    overrides.update(parse_set(set_ or []))
+    overrides = command_overrides(epochs, dataset, data_root, device, set_)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=overrides)
     if tuned:
         from alexnet.sweep import apply_tuned
@@ -217,6 +204,27 @@ def run(
             err_console.print(f"  {o.cell.ablation} {o.cell.arm_label} seed={o.cell.seed}: "
                               f"{o.reason}", highlight=False)
         raise typer.Exit(1)
+
+
+def command_overrides(epochs: int | None, dataset: str | None, data_root: Path | None,
+                      device: str | None, set_: list[str] | None) -> dict[str, Any]:
+    """The dotted overrides that command-line options stand for; --set comes last."""
+    from alexnet.config import parse_set
+
+    overrides: dict[str, Any] = {}
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    if dataset is not None:
+        overrides["data.source"] = dataset
+    if data_root is not None:
+        if not data_root.exists():
+            raise ConfigError(f"--data-root {data_root}: no such directory; point it at the "
+                              "folder holding train/<class>/... or the CIFAR archives")
+        overrides["data.root"] = str(data_root.resolve())
+    if device is not None:
+        overrides["runtime.device"] = device
+    overrides.update(parse_set(set_ or []))
+    return overrides
 
 
 def _preflight_data(cells: list[Any], jobs: int) -> None:

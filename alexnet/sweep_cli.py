@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -46,6 +47,10 @@ def sweep(
         help="Seeds each trial trains (N for 0..N-1, or a list 0,1); the objective is their "
              "mean. Default: 0.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="synthetic | cifar10 | cifar100 | imagefolder")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Where the data is: the image folder, or the CIFAR download cache.")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="key=value for any config key, e.g. model.dropout=0; repeatable.")
@@ -72,13 +77,13 @@ def sweep(
 
 def _sweep(name: str, arm: list[str] | None, trials: int, timeout: float | None, quick: bool,
            jobs: int, storage: str | None, sampler: str, pruner: str, lr_range: str,
-           wd_range: str, seeds: str | None, epochs: int | None, device: str | None,
+           wd_range: str, seeds: str | None, epochs: int | None, dataset: str | None,
+           data_root: Path | None, device: str | None,
            set_: list[str] | None, show: bool, tracking_uri: str | None, started: float
            ) -> None:
     from alexnet import tracking
     from alexnet.ablation import load_ablation
-    from alexnet.cli import console, err_console, parse_seeds
-    from alexnet.config import parse_set
+    from alexnet.cli import command_overrides, console, err_console, parse_seeds
     from alexnet.sweep import (
         SearchSpace,
         SweepOptions,
@@ -98,12 +103,7 @@ def _sweep(name: str, arm: list[str] | None, trials: int, timeout: float | None,
     opts = SweepOptions(trials=trials, timeout=timeout, jobs=jobs, sampler=sampler,
                         pruner=pruner, space=space, seeds=tuple(parse_seeds(seeds) or [0]))
     ab = load_ablation(name)
-    overrides: dict[str, Any] = {}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    if device is not None:
-        overrides["runtime.device"] = device
-    overrides.update(parse_set(set_ or []))
+    overrides = command_overrides(epochs, dataset, data_root, device, set_)
     arms = select_arms(ab.cells(quick=quick, seeds=[0], overrides=overrides), arm)
     store = resolve_store(storage, uri)
     if show:
