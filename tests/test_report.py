@@ -293,7 +293,7 @@ def test_per_arm_table_values(store: dict) -> None:
     assert relu["val − train gap (pp)"] == f"{gap.mean():.1f} ± {gap.std(ddof=1):.1f}"
     assert relu["epochs to 25% train error"] == f"{np.mean([1, 2, 1]):.1f} ± " \
                                                 f"{np.std([1, 2, 1], ddof=1):.1f}"
-    assert relu["seeds"] == "3" and relu["lr"] == "0.05" and relu["weight decay"] == "0.0"
+    assert relu["seeds"] == "3" and relu["lr"] == "0.05" and relu["weight decay"] == "0"
     assert relu["time/epoch (s)"] == "2.25 ± 0.00"  # every run: mean of 2.1 .. 2.4
     assert relu["in progress"] == "1" and relu["failed"] == "0"
     tanh = dict(zip(header, _table_row(section, "activation=tanh (tuned)"), strict=True))
