@@ -89,9 +89,10 @@ def _load(c: Any, uri: str, experiments: dict[str, str], with_history: bool = Tr
                                    output_format="pandas", max_results=10000)
     by_id = {v: k for k, v in experiments.items()}
     cells = normalise(cells, by_id)
-    grids = grids.assign(experiment=grids["experiment_id"].map(by_id))[
-        ["run_id", "experiment", "status"]] if not grids.empty else pd.DataFrame(
-        columns=["run_id", "experiment", "status"])
+    grid_columns = ["run_id", "experiment", "status", "start_time", "command"]
+    grids = grids.assign(experiment=grids["experiment_id"].map(by_id),
+                         command=grids.get("tags.command"))[grid_columns] \
+        if not grids.empty else pd.DataFrame(columns=grid_columns)
     finished = cells.loc[cells["status"] == "FINISHED", "run_id"].tolist() \
         if with_history and not cells.empty else []
     history = metric_histories(c, finished, HISTORY_KEYS)

@@ -6,8 +6,11 @@ with two and a ×. Tables go through pandas' ``to_markdown`` (needs ``tabulate``
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -335,7 +338,9 @@ def dataset_text(df: pd.DataFrame) -> str:
         else:
             text += " (full training set)"
         if source == "imagefolder" and _values(sub, "params.data.root"):
-            text += f" at `{_values(sub, 'params.data.root')[0]}`"
+            # The folder's name, not its absolute path: a committed report is read on other
+            # machines, where the dataset fingerprint says whether it is the same data.
+            text += f" `{Path(_values(sub, 'params.data.root')[0]).name}`"
         crop = _values(sub, "params.data.crop_size")
         if crop:
             text += f", {'/'.join(crop)} px"
@@ -377,6 +382,27 @@ def _seeds(used: pd.DataFrame, cells: pd.DataFrame) -> str:
     return text
 
 
+def display_uri(uri: str) -> str:
+    """A store inside the working directory as a relative path: the same on every machine."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        with contextlib.suppress(ValueError):
+            return prefix + str(Path(uri[len(prefix):]).relative_to(Path.cwd()))
+    return uri
+
+
+def rerun_command(name: str, shown: pd.DataFrame, grids: pd.DataFrame) -> str:
+    """The command the latest grid ran, with machine paths shortened to path/to/NAME; the
+    plain ``ablate run NAME`` where the grid did not record one."""
+    commands = grids.sort_values("start_time")["command"].dropna() \
+        if "command" in grids and not grids.empty else pd.Series(dtype=str)
+    if commands.empty:
+        quick = " --quick" if "synthetic" in _values(shown, "params.data.source") else ""
+        return f"ablate run {name}{quick}"
+    words = shlex.split(commands.iloc[-1])
+    return shlex.join(f"path/to/{Path(w).name}" if Path(w).is_absolute() else w for w in words)
+
+
 def setup_rows(name: str, title: str | None, uri: str, exp_id: str, cells: pd.DataFrame,
                used: pd.DataFrame, grids: pd.DataFrame, target_pct: float) -> pd.DataFrame:
     """The "what was run" table: enough to rerun it, all read from the runs."""
@@ -386,8 +412,7 @@ def setup_rows(name: str, title: str | None, uri: str, exp_id: str, cells: pd.Da
     commits = _values(cells, "git_commit")
     seconds = pd.to_numeric(cells.get("train_seconds"), errors="coerce").sum() \
         if "train_seconds" in cells else math.nan
-    quick = " --quick" if "synthetic" in _values(shown, "params.data.source") else ""
-    rerun = f"`ablate run {name}{quick}`"
+    rerun = f"`{rerun_command(name, shown, grids)}`"
     if commits:
         rerun = f"`git checkout {commits[0].removesuffix('-dirty')}`, then {rerun}"
     rows = [
@@ -400,7 +425,7 @@ def setup_rows(name: str, title: str | None, uri: str, exp_id: str, cells: pd.Da
         ("seeds", _seeds(used, cells)),
         ("device", ", ".join(_values(cells, "device")) or NONE),
         ("total compute time", compute_time(seconds) + " (sum of every run's training time)"),
-        ("MLflow experiment", f"`{name}` (id {exp_id}) at `{uri}`"),
+        ("MLflow experiment", f"`{name}` (id {exp_id}) at `{display_uri(uri)}`"),
         ("grid runs", ", ".join(f"`{r}`" for r in grids["run_id"]) or NONE),
         ("cell runs", f"{len(cells)} ({counts}); run ids below"),
         ("git commit", ", ".join(f"`{c}`" for c in commits) or NONE),
@@ -492,8 +517,8 @@ def paper_report(*, uri: str, results: list[ClaimResult], experiments: pd.DataFr
             "the ratio of epochs, baseline ÷ arm). " + AGREES, "",
             delta_table(results, with_ablation=True), "", *claim_notes(results), "",
             image(figure, "measured against the paper's deltas"), ""]
-    out += ["## Ablations in the store", "", f"Tracking URI: `{uri}`.", "", table(experiments),
-            ""]
+    out += ["## Ablations in the store", "", f"Tracking URI: `{display_uri(uri)}`.", "",
+            table(experiments), ""]
     out += _left_out(problems, notes, "##", with_experiment=True)
     return "\n".join(out)
 
