@@ -61,7 +61,7 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
     if s.kind == "plateau":
         # Section 5: divide by 10 when validation error stops improving, three times at
         # most. The floor min_lr is what stops a fourth division.
-        floor = cfg.optim.lr * s.factor**s.max_decays * 0.999
+        floor = cfg.optim.lr * s.factor**s.max_decays
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=s.factor, patience=s.patience, min_lr=floor,
             threshold=1e-3, threshold_mode="abs")
