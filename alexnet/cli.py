@@ -18,6 +18,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from alexnet.cli_options import (
+    DataRoot,
+    Dataset,
+    Device,
+    Epochs,
+    Quick,
+    SetItems,
+    TrackingUri,
+)
 from alexnet.errors import AblateError, ConfigError
 
 app = typer.Typer(
@@ -55,10 +64,6 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
     _state["debug"] = debug
 
 
-TrackingUri = Annotated[str | None, typer.Option(
-    "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns).")]
-
-
 # --- list / show -------------------------------------------------------------------------
 
 
@@ -91,7 +96,7 @@ def show(
     name: Annotated[str, typer.Argument(help="Ablation name or path to a .yaml file.")],
     quick: Annotated[bool, typer.Option("--quick", help="The cells of --quick.")] = False,
     seeds: Annotated[str | None, typer.Option(help="N (0..N-1) or a list: 0,1,2")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value")] = None,
+    set_: SetItems = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """The expanded cells (arm, seed, key) and each one's state in the store."""
@@ -151,17 +156,13 @@ def parse_seeds(text: str | None) -> list[int] | None:
 @user_errors
 def run(
     name: Annotated[str, typer.Argument(help="Ablation name (see `ablate list`) or a .yaml path.")],
-    quick: Annotated[bool, typer.Option(
-        "--quick", help="Synthetic data, tiny width, few epochs; the axes are kept.")] = False,
+    quick: Quick = False,
     seeds: Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list: 0,1,2")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="synthetic | cifar10 | cifar100 | imagefolder")] = None,
-    data_root: Annotated[Path | None, typer.Option(
-        help="Where the data is: the image folder, or the CIFAR download cache.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="key=value for any config key, e.g. optim.lr=0.02; repeatable.")] = None,
+    epochs: Epochs = None,
+    dataset: Dataset = None,
+    data_root: DataRoot = None,
+    device: Device = None,
+    set_: SetItems = None,
     jobs: Annotated[int, typer.Option(min=1, help="Cells run at once, in processes.")] = 1,
     tuned: Annotated[bool, typer.Option(
         "--tuned", help="Each arm at its best lr and weight decay from `ablate sweep`.")] = False,

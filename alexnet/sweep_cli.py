@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from alexnet.cli_options import DataRoot, Dataset, Device, Epochs, Quick, SetItems, TrackingUri
+
 
 def sweep(
     name: Annotated[str, typer.Argument(help="Ablation name (see `ablate list`) or a .yaml path.")],
@@ -24,8 +26,7 @@ def sweep(
     ] = 20,
     timeout: Annotated[float | None, typer.Option(
         help="Seconds; no new trial starts after this (running ones finish).")] = None,
-    quick: Annotated[bool, typer.Option(
-        "--quick", help="Synthetic data, tiny width, few epochs; the axes are kept.")] = False,
+    quick: Quick = False,
     jobs: Annotated[int, typer.Option(
         help="Worker processes, each running trials of the same study.")] = 1,
     storage: Annotated[str | None, typer.Option(
@@ -46,21 +47,15 @@ def sweep(
     seeds: Annotated[str | None, typer.Option(
         help="Seeds each trial trains (N for 0..N-1, or a list 0,1); the objective is their "
              "mean. Default: 0.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="synthetic | cifar10 | cifar100 | imagefolder")] = None,
-    data_root: Annotated[Path | None, typer.Option(
-        help="Where the data is: the image folder, or the CIFAR download cache.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="key=value for any config key, e.g. model.dropout=0; repeatable.")
-    ] = None,
+    epochs: Epochs = None,
+    dataset: Dataset = None,
+    data_root: DataRoot = None,
+    device: Device = None,
+    set_: SetItems = None,
     show: Annotated[bool, typer.Option(
         "--show", help="List this ablation's studies, their trial counts and best values; "
                        "run nothing.")] = False,
-    tracking_uri: Annotated[str | None, typer.Option(
-        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns).")
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Tune the learning rate and weight decay of each arm separately (Section 3.1), one
     Optuna study per arm; every trial is an MLflow run under the arm's sweep run. Then
