@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alexnet.config import DataConfig
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -79,6 +81,19 @@ class Data(ABC):
     input_size: int  # == cfg.crop_size, what the model sees
     stats: Stats  # of the training split, on the CPU
     device: torch.device
+
+    def __init__(self, cfg: DataConfig, device: torch.device, classes: list[str],
+                 fingerprint: str, stats: Stats) -> None:
+        """What both paths share: identity, statistics, and the augmentation to apply."""
+        from alexnet.data.augment import Augment  # augment imports this module
+
+        self.device = device
+        self.classes = list(classes)
+        self.fingerprint = fingerprint
+        self.input_size = cfg.crop_size
+        self.stats = stats
+        self.aug = Augment.from_config(cfg)
+        self.ten_crop = cfg.ten_crop
 
     @property
     def num_classes(self) -> int:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from alexnet.config import DataConfig
 from alexnet.data import cifar, folder, synthetic
-from alexnet.data.augment import Augment, draw_epoch, eval_batch, train_batch
+from alexnet.data.augment import draw_epoch, eval_batch, train_batch
 from alexnet.data.base import Data, Stats, epoch_seed
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
@@ -170,13 +170,7 @@ class TensorData(Data):
     def __init__(self, cfg: DataConfig, device: torch.device, train_images: Tensor,
                  train_labels: Tensor, val_images: Tensor, val_labels: Tensor,
                  classes: list[str], fingerprint: str, stats: Stats) -> None:
-        self.device = device
-        self.classes = list(classes)
-        self.fingerprint = fingerprint
-        self.input_size = cfg.crop_size
-        self.stats = stats
-        self.aug = Augment.from_config(cfg)
-        self.ten_crop = cfg.ten_crop
+        super().__init__(cfg, device, classes, fingerprint, stats)
         self.train_images = train_images.to(device)
         self.train_labels = train_labels.to(device)
         self.val_images = val_images.to(device)

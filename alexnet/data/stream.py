@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from alexnet.config import DataConfig
 from alexnet.data import folder
-from alexnet.data.augment import Augment, Lighting, eval_batch
+from alexnet.data.augment import Lighting, eval_batch
 from alexnet.data.base import Data, Stats, epoch_seed, steps_for
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
@@ -175,13 +175,7 @@ class StreamData(Data):
     def __init__(self, cfg: DataConfig, device: torch.device, num_workers: int,
                  train: Dataset, train_indices: list[int], val: Dataset, classes: list[str],
                  fingerprint: str, stats: Stats) -> None:
-        self.device = device
-        self.classes = list(classes)
-        self.fingerprint = fingerprint
-        self.input_size = cfg.crop_size
-        self.stats = stats
-        self.aug = Augment.from_config(cfg)
-        self.ten_crop = cfg.ten_crop
+        super().__init__(cfg, device, classes, fingerprint, stats)
         self.num_workers = num_workers
         self.train, self.train_indices, self.val = Seeded(train), train_indices, val
         self.train_size = len(train_indices)
