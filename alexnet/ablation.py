@@ -7,7 +7,9 @@ found, the key, and what is allowed, raised before anything runs or is logged.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +18,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from alexnet.config import PROFILES, RunConfig, build_config, check_key, quick_overrides
+from alexnet.claims import CLAIMS
+from alexnet.config import (
+    PROFILES,
+    RunConfig,
+    build_config,
+    check_key,
+    key_fields,
+    quick_overrides,
+)
 from alexnet.errors import ConfigError
 
 PACKAGE_ABLATIONS = Path(__file__).parent / "ablations"
@@ -64,10 +74,24 @@ class Cell:
     config: RunConfig
     claims: tuple[str, ...] = ()
     tuned: dict[str, float] = field(default_factory=dict)  # lr / wd chosen by a sweep
+    varied: tuple[str, ...] = ()  # the dotted keys the ablation's arms set
 
     @cached_property
     def key(self) -> str:
         return self.config.key()
+
+    @cached_property
+    def grid_key(self) -> str:
+        """What every cell of one grid shares: the resolved config minus what the arms and
+        the seed vary (and a tuned cell's lr and weight decay, which a sweep chose per arm).
+        Runs with different grid keys differ in scale or recipe, so a report never pools
+        them."""
+        skip = {*self.varied, "seed"}
+        if self.tuned:
+            skip |= {"optim.lr", "optim.weight_decay"}
+        shared = {k: v for k, v in key_fields(self.config).items() if k not in skip}
+        text = json.dumps({"tuned": bool(self.tuned), **shared}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def arm_label(self) -> str:
@@ -104,6 +128,8 @@ class Ablation:
         where = str(self.path)
         out = []
         axis_names = list(self.axes)
+        varied = tuple(sorted({k for arms in self.axes.values() for o in arms.values()
+                               for k in o}))
         for combo in itertools.product(*(self.axes[a].items() for a in axis_names)):
             arms = {a: arm for a, (arm, _) in zip(axis_names, combo, strict=True)}
             for seed in seeds if seeds is not None else self.seeds:
@@ -117,7 +143,7 @@ class Ablation:
                 flat.update(overrides or {})
                 flat["seed"] = seed
                 cfg = build_config(self.profile, flat, where=f"{where} (arm {_label(arms)})")
-                out.append(Cell(self.name, arms, seed, cfg, tuple(self.claims)))
+                out.append(Cell(self.name, arms, seed, cfg, tuple(self.claims), varied=varied))
         return out
 
 
@@ -221,8 +247,6 @@ def load_ablation(name_or_path: str, _seen: tuple[str, ...] = ()) -> Ablation:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name, title, axes, ...")
     spec = _validate_file(path, text, raw)
-    from alexnet.report.claims import CLAIMS  # the paper's table, as data
-
     for i, claim in enumerate(spec.claims):
         if claim not in CLAIMS:
             raise ConfigError(f"{_where(path, text, ('claims', i))}: unknown claim '{claim}'; "

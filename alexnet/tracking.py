@@ -208,7 +208,8 @@ def join_claims(claims: Iterable[str]) -> str:
 def cell_tags(cell: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tags that make a cell's run findable: by ablation, arm, axis, seed and key."""
     tags = {"ablate.kind": "cell", "ablation": cell.ablation, "arm": cell.arm_label,
-            "seed": cell.seed, "cell_key": cell.key, "claims": join_claims(cell.claims),
+            "seed": cell.seed, "cell_key": cell.key, "ablate.grid_key": cell.grid_key,
+            "claims": join_claims(cell.claims),
             "git_commit": git_commit(), "tuned": "true" if cell.tuned else "false",
             "mlflow.runName": f"{cell.arm_label} seed={cell.seed}"}
     tags.update({f"axis.{axis}": arm for axis, arm in cell.arms.items()})

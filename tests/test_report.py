@@ -17,10 +17,10 @@ from scipy import stats as sps
 
 from alexnet import tracking
 from alexnet.ablation import Cell
+from alexnet.claims import CLAIMS
 from alexnet.config import build_config
 from alexnet.errors import StoreError
 from alexnet.report import write_report
-from alexnet.report.claims import CLAIMS
 from alexnet.report.markdown import problem_lines
 from alexnet.report.stats import (
     Interval,

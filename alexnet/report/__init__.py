@@ -1,7 +1,7 @@
 """`ablate report`: an ablation's runs in MLflow → reports/NAME.md with figures in NAME/.
 
 load (MLflow → pandas) → stats (pure) → figures + markdown. Nothing heavy is imported at
-module level: ``alexnet.ablation`` imports ``alexnet.report.claims`` just to validate files.
+module level, so that importing the package costs nothing until a report is written.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _target_pct(df: pd.DataFrame) -> float:
 
 
 def _write_ablation(name: str, uri: str, out_dir: Path) -> Path:
+    from alexnet.claims import CLAIMS
     from alexnet.report import figures, load, markdown, stats
-    from alexnet.report.claims import CLAIMS
 
     runs = load.load_runs(name, uri)
     cells = runs.cells
@@ -102,8 +102,8 @@ def paper_results(runs: Runs, used: pd.DataFrame) -> list[ClaimResult]:
     lists it); where several do, the shipped ablation for the claim wins, else the one
     with the most finished runs, and the row names the others.
     """
+    from alexnet.claims import CLAIMS
     from alexnet.report import stats
-    from alexnet.report.claims import CLAIMS
 
     cells = runs.cells
     out = []

@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from alexnet import tracking
+from alexnet.claims import CLAIMS
 from alexnet.errors import StoreError
-from alexnet.report.claims import CLAIMS
 
 HISTORY_KEYS = ("train_error", "val_error")  # what the learning-curve figures draw
 CELL_FILTER = "tags.`ablate.kind` = 'cell'"

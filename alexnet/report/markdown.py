@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from alexnet.report.claims import Claim
+from alexnet.claims import Claim
 from alexnet.report.stats import ClaimResult, Interval
 
 if TYPE_CHECKING:

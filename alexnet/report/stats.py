@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from alexnet.report.claims import Claim
+from alexnet.claims import Claim
 
 CONFIDENCE = 0.95
 PCT = 100.0
