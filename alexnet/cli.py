@@ -1,67 +1,50 @@
 """The `ablate` command line. Thin: parse, call, print. `--help` is the reference.
 
 Exit codes: 0 every cell finished; 1 some runs failed or diverged; 2 bad input (nothing
-run, nothing logged). A bad-input error is one line; `ablate --debug ...` shows the
-traceback too.
+run, nothing logged); 130 / 143 interrupted by Ctrl-C / SIGTERM (a rerun resumes). A
+bad-input error is one line; `ablate --debug ...` shows the traceback too.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from alexnet.cli_options import (
+from alexnet.cli_common import (
     DataRoot,
     Dataset,
     Device,
     Epochs,
+    Jobs,
     Quick,
+    Seeds,
     SetItems,
     TrackingUri,
+    command_overrides,
+    console,
+    err_console,
+    parse_seeds,
+    state,
+    user_errors,
 )
-from alexnet.errors import AblateError, ConfigError
+from alexnet.errors import AblateError
+from alexnet.sweep_cli import sweep
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Which of AlexNet's design choices matter? Run ablation grids, track them in MLflow, "
          "tune them with Optuna, and report measured deltas beside the paper's.")
-# Piped output (CI logs, `| tee`) gets a width that fits the tables instead of 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-_state = {"debug": False}
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Bad input is one line on stderr and exit code 2; --debug shows the traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except AblateError as err:
-            if _state["debug"]:
-                raise
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+app.command()(sweep)
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False
           ) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 # --- list / show -------------------------------------------------------------------------
@@ -95,58 +78,33 @@ def _short_path(path: Path) -> str:
 def show(
     name: Annotated[str, typer.Argument(help="Ablation name or path to a .yaml file.")],
     quick: Annotated[bool, typer.Option("--quick", help="The cells of --quick.")] = False,
-    seeds: Annotated[str | None, typer.Option(help="N (0..N-1) or a list: 0,1,2")] = None,
+    seeds: Seeds = None,
     set_: SetItems = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """The expanded cells (arm, seed, key) and each one's state in the store."""
-    import time
-
+    """Every cell (arm, seed, key) and its state in the store: finished, reusable (finished
+    in another ablation), running, interrupted, failed, new."""
     from rich.table import Table
 
-    from alexnet import tracking
+    from alexnet import store
     from alexnet.ablation import load_ablation
     from alexnet.config import parse_set
-    from alexnet.runner import cell_state
+    from alexnet.grid import plan
 
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_store(uri)
+    uri = store.tracking_uri(tracking_uri)
+    store.check_store(uri)
     ab = load_ablation(name)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=parse_set(set_ or []))
-    store = tracking.local_store_dir(uri)
-    c = None if store is not None and not (store / tracking.DB_NAME).exists() \
-        else tracking.client(uri)
-    now = int(time.time() * 1000)
+    db = store.sqlite_path(uri)
+    c = None if db is not None and not db.exists() else store.client(uri)
     table = Table("ablation", "arm", "seed", "key", "state", "run")
-    exp_ids: dict[str, str | None] = {}
-    for cell in cells:
-        state, run = "new", None
-        if c is not None:
-            if cell.ablation not in exp_ids:
-                exp_ids[cell.ablation] = tracking.get_experiment_id(c, uri, cell.ablation,
-                                                                    create=False)
-            if exp_ids[cell.ablation]:
-                state, run = cell_state(
-                    tracking.runs_for_key(c, exp_ids[cell.ablation], cell.key), now)
-        color = {"finished": "green", "failed": "red", "running": "yellow",
-                 "interrupted": "yellow"}.get(state, "white")
-        table.add_row(cell.ablation, cell.arm_label, str(cell.seed), cell.key,
-                      f"[{color}]{state}[/]", run.info.run_id[:8] if run else "")
+    colors = {"finished": "green", "reusable": "green", "failed": "red", "running": "yellow",
+              "interrupted": "yellow"}
+    for p in plan(c, uri, cells):
+        table.add_row(p.cell.ablation, p.cell.arm_label, str(p.cell.seed), p.cell.key,
+                      f"[{colors.get(p.state, 'white')}]{p.state}[/]",
+                      p.run_id[:8] if p.run_id else "")
     console.print(table)
-
-
-def parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        if "," in text or text.startswith("["):
-            return [int(s) for s in text.strip("[]").split(",") if s.strip()]
-        n = int(text)
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: give a count (3) or a list (0,1,2)") from None
-    if n < 1:
-        raise ConfigError(f"--seeds {text}: give at least one seed")
-    return list(range(n))
 
 
 # --- run ---------------------------------------------------------------------------------
@@ -157,15 +115,18 @@ def parse_seeds(text: str | None) -> list[int] | None:
 def run(
     name: Annotated[str, typer.Argument(help="Ablation name (see `ablate list`) or a .yaml path.")],
     quick: Quick = False,
-    seeds: Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list: 0,1,2")] = None,
+    seeds: Seeds = None,
     epochs: Epochs = None,
     dataset: Dataset = None,
     data_root: DataRoot = None,
     device: Device = None,
     set_: SetItems = None,
-    jobs: Annotated[int, typer.Option(min=1, help="Cells run at once, in processes.")] = 1,
+    jobs: Jobs = 1,
     tuned: Annotated[bool, typer.Option(
         "--tuned", help="Each arm at its best lr and weight decay from `ablate sweep`.")] = False,
+    storage: Annotated[str | None, typer.Option(
+        help="Where --tuned finds the sweeps (default: optuna.db beside the MLflow store).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun finished cells too.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; run nothing.")
                        ] = False,
@@ -173,31 +134,33 @@ def run(
         "--profile", help="Save a torch.profiler trace of a few steps in each run.")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped."""
-    from alexnet import tracking
+    """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped,
+    interrupted ones resume, cells shared with another ablation are trained once."""
+    from alexnet import executors, store
     from alexnet.ablation import load_ablation
 
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_store(uri)
+    uri = store.tracking_uri(tracking_uri)
+    store.check_store(uri)
     ab = load_ablation(name)
     overrides = command_overrides(epochs, dataset, data_root, device, set_)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=overrides)
     if tuned:
         from alexnet.sweep import apply_tuned
 
-        cells = apply_tuned(cells, uri)
+        cells = apply_tuned(cells, store.storage_spec(storage, uri))
     if dry_run:
-        _print_plan(uri, cells)
+        show_plan(uri, cells)
         return
-    _preflight_data(cells, jobs)
+    from alexnet.grid import run_ablation
     from alexnet.progress import RichProgress
-    from alexnet.runner import run_ablation
+    from alexnet.runner import preflight_data
 
+    preflight_data(cells)
     with RichProgress(console) as progress:
-        result = run_ablation(ab, cells, uri, jobs=jobs, force=force, progress=progress,
-                              extra_parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])},
-                              profile=profile)
-    _print_summary(result.outcomes)
+        result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
+                              executor=executors.local(jobs, cells[0].config.runtime.device),
+                              parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
+    print_summary(result)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} of {len(result.outcomes)} cells failed "
                           "or diverged:[/]")
@@ -207,66 +170,22 @@ def run(
         raise typer.Exit(1)
 
 
-def command_overrides(epochs: int | None, dataset: str | None, data_root: Path | None,
-                      device: str | None, set_: list[str] | None) -> dict[str, Any]:
-    """The dotted overrides that command-line options stand for; --set comes last."""
-    from alexnet.config import parse_set
-
-    overrides: dict[str, Any] = {}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    if dataset is not None:
-        overrides["data.source"] = dataset
-    if data_root is not None:
-        if not data_root.exists():
-            raise ConfigError(f"--data-root {data_root}: no such directory; point it at the "
-                              "folder holding train/<class>/... or the CIFAR archives")
-        overrides["data.root"] = str(data_root.resolve())
-    if device is not None:
-        overrides["runtime.device"] = device
-    overrides.update(parse_set(set_ or []))
-    return overrides
-
-
-def _preflight_data(cells: list[Any], jobs: int) -> None:
-    """Open each distinct dataset once before anything is logged: bad data is bad input
-    (exit 2), and the decoded cache is ready for every cell and worker."""
-    from alexnet.data import open_data
-    from alexnet.runner import open_data_once
-
-    seen: set[str] = set()
-    for cell in cells:
-        ident = cell.config.data.model_dump_json(include={"source", "root", "image_size",
-                                                          "max_train", "val_fraction",
-                                                          "split_seed", "synthetic"})
-        if ident in seen:
-            continue
-        seen.add(ident)
-        if jobs == 1:
-            open_data_once(cell)  # kept in memory for the cells that follow
-        else:
-            import torch
-
-            open_data(cell.config.data, torch.device("cpu"))
-
-
-def _print_plan(uri: str, cells: list[Any]) -> None:
+def show_plan(uri: str, cells: list[Any]) -> None:
     from rich.table import Table
 
-    from alexnet import tracking
-    from alexnet.runner import plan
+    from alexnet import store
+    from alexnet.grid import plan
 
-    store = tracking.local_store_dir(uri)
-    exists = store is None or (store / tracking.DB_NAME).exists()
-    c = tracking.client(uri) if exists else None
+    db = store.sqlite_path(uri)
+    c = None if db is not None and not db.exists() else store.client(uri)
     table = Table("ablation", "arm", "seed", "key", "would")
-    for name in dict.fromkeys(cell.ablation for cell in cells):
-        group = [cell for cell in cells if cell.ablation == name]
-        exp_id = tracking.get_experiment_id(c, uri, name, create=False) if c else None
-        for p in plan(c, uri, exp_id, group, force=False):
-            table.add_row(name, p.cell.arm_label, str(p.cell.seed), p.cell.key,
-                          {"skip": "skip (finished)", "new": "run", "resume": "resume",
-                           "running": "skip (running elsewhere)"}[p.action])
+    would = {"finished": "skip (finished)", "reusable": "reuse (finished in another ablation)",
+             "running": "skip (running elsewhere)", "interrupted": "resume"}
+    seen: set[str] = set()
+    for p in plan(c, uri, cells):
+        what = would.get(p.state, "run") if p.cell.key not in seen else "reuse (same cell above)"
+        seen.add(p.cell.key)
+        table.add_row(p.cell.ablation, p.cell.arm_label, str(p.cell.seed), p.cell.key, what)
     console.print(table)
 
 
@@ -274,21 +193,25 @@ def _pct(values: dict[str, float], key: str) -> str:
     return f"{100 * values[key]:.1f}" if key in values else ""
 
 
-def _print_summary(outcomes: list[Any]) -> None:
+def print_summary(result: Any) -> None:
     from rich.table import Table
 
     table = Table("ablation", "arm", "seed", "state", "val top-1 (%)", "train (%)",
                   "epochs", "time (s)", title="summary")
-    for o in outcomes:
+    for o in result.outcomes:
         f = o.final or {}
-        color = {"finished": "green", "skipped": "dim", "failed": "red", "diverged": "red"
-                 }.get(o.state, "yellow")
+        color = {"finished": "green", "skipped": "dim", "reused": "dim", "failed": "red",
+                 "diverged": "red"}.get(o.state, "yellow")
         table.add_row(o.cell.ablation, o.cell.arm_label, str(o.cell.seed),
                       f"[{color}]{o.state}[/]", _pct(f, "final_val_error"),
                       _pct(f, "final_train_error"),
                       f"{f['epochs_completed']:.0f}" if "epochs_completed" in f else "",
                       f"{f['train_seconds']:.1f}" if "train_seconds" in f else "")
     console.print(table)
+    if result.listed > result.distinct:
+        console.print(f"{result.listed} cells listed, {result.distinct} distinct: "
+                      f"{result.listed - result.distinct} shared between ablations were trained "
+                      "once and reused", highlight=False)
 
 
 # --- ui / report / describe-model ---------------------------------------------------------
@@ -303,18 +226,21 @@ def ui(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """MLflow's UI over the same store."""
-    from alexnet import tracking
+    import os
 
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_store(uri, create=False)
-    store = tracking.local_store_dir(uri)
-    if store is not None and not (store / tracking.DB_NAME).exists():
-        raise AblateError(f"no store at {store}; run an ablation first (ablate run NAME --quick)")
+    from alexnet import store
+
+    uri = store.tracking_uri(tracking_uri)
+    store.check_store(uri, create=False)
+    folder = store.local_store_dir(uri)
+    if folder is not None and not (folder / store.DB_NAME).exists():
+        raise AblateError(f"no store at {folder}; run an ablation first "
+                          "(ablate run NAME --quick)")
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)")
     args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--host", host, "--port", str(port)]
-    if store is not None:
-        args += ["--artifacts-destination", (store / "artifacts").resolve().as_uri()]
+    if folder is not None:
+        args += ["--artifacts-destination", (folder / "artifacts").resolve().as_uri()]
     sys.stdout.flush()
     os.execv(sys.executable, args)  # the server gets our signals directly
 
@@ -328,11 +254,11 @@ def report(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures."""
-    from alexnet import tracking
+    from alexnet import store
     from alexnet.report import write_report
 
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_store(uri, create=False)
+    uri = store.tracking_uri(tracking_uri)
+    store.check_store(uri, create=False)
     path = write_report(name, uri, out)
     console.print(f"wrote {path}")
 
@@ -351,34 +277,36 @@ def describe_model(
     width: Annotated[float | None, typer.Option()] = None,
 ) -> None:
     """A per-layer table (output shape, parameters) and the total."""
-    from alexnet.config import ModelConfig
-    from alexnet.models import build_model_from_config
-    from alexnet.models import input_size as native_size
+    from alexnet.models import build_model, input_size
     from alexnet.models.summary import describe_model as describe
     from alexnet.models.summary import render_table
 
-    given = {"name": name, "activation": activation, "norm": norm, "pool": pool,
-             "dropout": dropout, "init": init, "towers": towers, "width": width}
-    from pydantic import ValidationError
-
-    from alexnet.config import describe_validation_error
-
-    try:
-        cfg = ModelConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, "describe-model")) from None
-    model = build_model_from_config(cfg, num_classes=num_classes)
-    rows = describe(model, native_size(name))
+    given = {"activation": activation, "norm": norm, "pool": pool, "dropout": dropout,
+             "init": init, "towers": towers, "width": width}
+    model = build_model(name, num_classes, **{k: v for k, v in given.items() if v is not None})
+    rows = describe(model, input_size(name))
     console.print(render_table(rows, sum(p.numel() for p in model.parameters())))
 
 
-from alexnet.sweep_cli import sweep  # noqa: E402 - imports its heavy parts when run
-
-app.command()(sweep)
-
-
 def main() -> None:
-    app()
+    """The console script. Ctrl-C and SIGTERM stop the command with one line (finished cells
+    are kept, a rerun resumes the rest) and exit 130 / 143."""
+    import click
+
+    from alexnet.executors import interrupt_on_sigterm
+
+    received = interrupt_on_sigterm()
+    try:
+        code = app(standalone_mode=False)
+    except click.ClickException as err:  # usage errors: click's own message, exit 2
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        sig = received[-1] if received else signal.SIGINT
+        err_console.print(f"interrupted ({signal.Signals(sig).name}); finished cells are kept "
+                          "and the same command resumes the rest", highlight=False)
+        sys.exit(128 + sig)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from rich.progress import (
 )
 
 from alexnet.ablation import Cell
+from alexnet.grid import Progress as GridProgress
 from alexnet.runner import Outcome
-from alexnet.runner import Progress as RunnerProgress
 
 
-class RichProgress(RunnerProgress):
+class RichProgress(GridProgress):
     def __init__(self, console: Console) -> None:
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),

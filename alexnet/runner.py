@@ -1,42 +1,57 @@
-"""Execute an ablation's cells: skip finished ones, resume interrupted ones, log to MLflow.
+"""Execute cells: ``execute_cell`` is the one way a cell runs in the store, for grids and
+sweep trials alike, on whichever executor (executors.py) runs it.
 
-One cell = one call of ``train_run`` inside one MLflow child run. Cells run one after
-another in this process, or ``jobs`` at a time in worker processes; each worker writes
-its own run (SQLite waits on its lock; MLflow sets a 20 s busy timeout).
+A grid cell is claimed in the store first (tracking.claim_cell), so that any number of
+processes or machines sharing a store train it once: a cell FINISHED in this experiment is
+skipped, one FINISHED in another experiment (the same resolved config in another ablation)
+is reused, an interrupted one resumes from its last epoch, the rest train.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
-import os
-import queue
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlparse
 
-import yaml
-
-from alexnet import tracking
-from alexnet.ablation import Ablation, Cell
+from alexnet import store, tracking
+from alexnet.ablation import Cell
 from alexnet.errors import AblateError
 from alexnet.instrument import StepProfiler, system_metrics
 from alexnet.results import EpochMetrics, RunResult
 
-Action = Literal["skip", "resume", "new", "running"]
-State = Literal["finished", "failed", "diverged", "running", "skipped", "interrupted"]
+State = Literal["finished", "failed", "diverged", "skipped", "reused", "running",
+                "interrupted"]
+Event = tuple[str, str, Any]  # (kind, cell key, payload): start, epoch, step
+Emit = Callable[[Event], None]
+RESUME_ARTIFACT = "resume/checkpoint.pt"
+WEIGHTS_ARTIFACT = "weights/model.pt"
 
 
-@dataclass
-class Planned:
+class StopCell(Exception):  # noqa: N818 - a request, not an error
+    """Raised by an epoch hook to end a cell early (a pruned trial, a claim taken over):
+    its run ends KILLED with the message as the reason, and the exception propagates."""
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Everything a worker needs to run one cell; picklable, for worker processes."""
+
     cell: Cell
-    action: Action
-    run_id: str | None = None  # the run to resume, or the FINISHED run that is skipped
+    uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    since_ms: int  # when the command started: a run that failed since is not retried now
+    kind: str = "cell"  # "trial": a sweep's, never claimed, reused or resumed
+    force: bool = False
+    profile: bool = False
+    score_test: bool = True  # sweeps never look at the test split
+    step_offset: int = 0  # trials of several seeds log one after another on one step axis
+    extra_tags: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,132 +63,227 @@ class Outcome:
     final: dict[str, float] | None = None
 
 
-# --- what to do with each cell ----------------------------------------------------------
+# --- what the store says about a cell -------------------------------------------------------
 
 
-def checkpoint_path(uri: str, cell: Cell) -> Path:
-    return tracking.checkpoint_dir(uri) / f"{cell.key}.pt"
+@dataclass
+class Found:
+    """A cell's runs in the store, seen from one experiment."""
+
+    here: list[Any]
+    elsewhere: list[Any]
+
+    def finished(self, here: bool = True) -> Any | None:
+        runs = self.here if here else self.elsewhere
+        return next((r for r in runs if r.info.status == "FINISHED"), None)
+
+    def live(self) -> Any | None:
+        return next((r for r in self.here + self.elsewhere
+                     if r.info.status == "RUNNING" and not tracking.is_stale(r)), None)
+
+    def failed_since(self, since_ms: int) -> Any | None:
+        return next((r for r in self.here if r.info.status == "FAILED"
+                     and r.info.start_time >= since_ms), None)
+
+    def resumable(self) -> Any | None:
+        """The latest interrupted run here (killed, or RUNNING with its process gone)."""
+        stopped = [r for r in self.here if r.info.status == "KILLED"
+                   or (r.info.status == "RUNNING" and tracking.is_stale(r))]
+        return max(stopped, key=lambda r: r.info.start_time, default=None)
 
 
-def cell_state(runs: list[Any], now_ms: int) -> tuple[str, Any]:
-    """A cell's state in the store from its runs: finished, running, failed, interrupted, new."""
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished:
-        return "finished", finished[0]
-    live = [r for r in runs if r.info.status == "RUNNING" and not tracking.is_stale(r, now_ms)]
-    if live:
-        return "running", live[0]
-    stopped = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
-    if stopped:
-        return "interrupted", max(stopped, key=lambda r: r.info.start_time)
-    if runs:
-        return "failed", runs[0]
-    return "new", None
+def find(c: Any, experiment_id: str, key: str) -> Found:
+    runs = tracking.cell_runs(c, tracking.experiment_ids(c), key)
+    here = [r for r in runs if r.info.experiment_id == experiment_id]
+    return Found(here, [r for r in runs if r.info.experiment_id != experiment_id])
 
 
-def plan(c: Any, uri: str, experiment_id: str | None, cells: list[Cell], *, force: bool
-         ) -> list[Planned]:
-    """Skip FINISHED cells, resume interrupted ones from their checkpoint, rerun the rest."""
-    now = int(time.time() * 1000)
-    out = []
-    for cell in cells:
-        runs = tracking.runs_for_key(c, experiment_id, cell.key) if experiment_id else []
-        state, run = cell_state(runs, now)
-        if force:
-            out.append(Planned(cell, "new"))
-        elif state == "finished":
-            out.append(Planned(cell, "skip", run.info.run_id))
-        elif state == "running":
-            out.append(Planned(cell, "running", run.info.run_id))
-        elif state == "interrupted" and checkpoint_path(uri, cell).exists():
-            out.append(Planned(cell, "resume", run.info.run_id))
-        else:
-            out.append(Planned(cell, "new", run.info.run_id if state == "interrupted" else None))
-    return out
+def cell_state(found: Found) -> str:
+    """finished | reusable | running | interrupted | failed | new, for plans and `show`."""
+    if found.finished():
+        return "finished"
+    if found.live():
+        return "running"
+    if found.finished(here=False):
+        return "reusable"
+    if found.resumable():
+        return "interrupted"
+    return "failed" if found.here else "new"
 
 
-# --- one cell ----------------------------------------------------------------------------
-
-_DATA_MEMO: dict[tuple[str, str], Any] = {}
+# --- one cell ------------------------------------------------------------------------------
 
 
-def open_data_once(cell: Cell) -> Any:
-    """Cells of a grid usually share their data: decode and move it to the device once."""
-    from alexnet.data import open_data
-    from alexnet.train import resolve_device
+def execute_cell(task: CellTask, emit: Emit | None = None,
+                 on_epoch: Callable[[EpochMetrics], None] | None = None) -> Outcome:
+    """Run ``task``'s cell in the store and say how it ended. Training failures become FAILED
+    runs and never raise; Ctrl-C and StopCell end the run KILLED and propagate."""
+    c = store.client(task.uri)
+    cell = task.cell
+    if task.kind != "cell":
+        return _train(c, task, None, None, emit, on_epoch)
+    found = find(c, task.experiment_id, cell.key)
+    if not task.force:
+        if done := found.finished():
+            return Outcome(cell, "skipped", done.info.run_id)
+        if failed := found.failed_since(task.since_ms):
+            return Outcome(cell, "failed", failed.info.run_id,
+                           failed.data.tags.get("failure_reason", "failed in another process"))
+    claim = tracking.claim_cell(c, cell.key)
+    if claim is None:
+        return Outcome(cell, "running", None, "running in another process")
+    found = find(c, task.experiment_id, cell.key)  # again: it may have finished meanwhile
+    if not task.force:
+        if done := found.finished():
+            return Outcome(cell, "skipped", done.info.run_id)
+        if original := found.finished(here=False):
+            return reuse(c, task, original, claim)
+    resume = found.resumable()
+    return _train(c, task, claim, resume.info.run_id if resume else None, emit, on_epoch)
 
-    device = resolve_device(cell.config.runtime.device)
-    memo_key = (cell.config.data.model_dump_json(), str(device))
-    if memo_key not in _DATA_MEMO:
-        _DATA_MEMO.clear()  # keep one dataset in memory at a time
-        _DATA_MEMO[memo_key] = open_data(cell.config.data, device)
-    return _DATA_MEMO[memo_key]
 
-
-Event = tuple[str, str, Any]  # (kind, cell key, payload)
-
-
-def execute_cell(uri: str, experiment_id: str, parent_run_id: str | None, planned: Planned,
-                 emit: Callable[[Event], None] | None = None, *, profile: bool = False
-                 ) -> Outcome:
-    """Train one cell inside its MLflow run. Failures become FAILED runs, never raise
-    (except Ctrl-C, which marks the run KILLED and propagates). With ``profile``, a
-    torch.profiler trace of a few steps is saved as the run's artifact profile/trace.json."""
+def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str | None,
+           emit: Emit | None, on_epoch: Callable[[EpochMetrics], None] | None) -> Outcome:
     from alexnet.train import train_run
 
-    cell = planned.cell
-    c = tracking.client(uri)
-    if planned.action == "new" and planned.run_id:  # an interrupted run with no checkpoint
-        tracking.fail_cell_run(c, planned.run_id, "interrupted before its first checkpoint; "
-                               "rerun as a new run", status="KILLED")
-    resume_id = planned.run_id if planned.action == "resume" else None
-    ckpt = checkpoint_path(uri, cell)
-    if planned.action == "new":
-        ckpt.unlink(missing_ok=True)
-    run_id = tracking.start_cell_run(c, experiment_id, cell, parent_run_id=parent_run_id,
-                                     resume_run_id=resume_id)
+    cell = task.cell
+    run_id = tracking.start_cell_run(c, task.experiment_id, cell, kind=task.kind,
+                                     parent_run_id=task.parent_run_id, resume_run_id=resume_id,
+                                     extra_tags=task.extra_tags)
+    if claim is not None:
+        tracking.bind_claim(c, claim, run_id)
+    checkpoint = resume_checkpoint(c, run_id) if task.kind == "cell" else None
+    say = emit or (lambda event: None)
+    beat = tracking.Heartbeat(c, run_id, claim)
 
-    def on_epoch(m: EpochMetrics) -> None:
-        tracking.log_epoch(c, run_id, m)
-        if emit:
-            emit(("epoch", cell.key, m.as_dict()))
+    def epoch_done(m: EpochMetrics) -> None:
+        tracking.log_epoch(c, run_id, m, step=task.step_offset + m.epoch)
+        say(("epoch", cell.key, m.as_dict()))
+        if on_epoch is not None:
+            on_epoch(m)
+        if beat.lost:
+            raise StopCell("another process took this cell over (this one was silent too "
+                           "long); it continues there")
 
-    def on_step(step: int, steps: int) -> None:
-        if emit and (step % 10 == 0 or step == steps):
-            emit(("step", cell.key, (step, steps)))
+    def step_done(step: int, steps: int) -> None:
+        if step % 10 == 0 or step == steps:
+            say(("step", cell.key, (step, steps)))
 
+    kept: list[Any] = []
     try:
-        data = open_data_once(cell)
-        tracking.set_tags(c, run_id, {"dataset_fingerprint": data.fingerprint})
-        if emit:
-            emit(("start", cell.key, cell.config.train.epochs))
         with contextlib.ExitStack() as stack:
-            stack.enter_context(system_metrics(run_id, uri, resume=resume_id is not None))
-            step_hook = on_step
-            if profile:
+            stack.enter_context(beat)
+            data = open_data_once(cell)
+            tracking.set_tags(c, run_id, {"dataset_fingerprint": data.fingerprint})
+            say(("start", cell.key, cell.config.train.epochs))
+            stack.enter_context(system_metrics(run_id, task.uri, resume=resume_id is not None))
+            if task.profile:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 profiler = stack.enter_context(StepProfiler(folder))
-                step_hook = profiler.chain(on_step)
+                step_done = profiler.chain(step_done)
                 stack.callback(_log_trace, c, run_id, profiler)
-            result = train_run(cell.config, checkpoint_path=ckpt, on_epoch=on_epoch,
-                               on_step=step_hook, data=data)
+            result = train_run(cell.config, checkpoint=checkpoint, data=data,
+                               on_epoch=epoch_done, on_step=step_done, on_end=kept.append,
+                               score_test=task.score_test)
+    except StopCell as stop:
+        tracking.fail_run(c, run_id, str(stop), status="KILLED")
+        raise
     except KeyboardInterrupt:
-        tracking.fail_cell_run(c, run_id, "interrupted (Ctrl-C); resumes on the next run",
-                               status="KILLED")
+        tracking.fail_run(c, run_id, "interrupted; the next run of the same command resumes it",
+                          status="KILLED")
         raise
     except AblateError as err:
-        tracking.fail_cell_run(c, run_id, str(err))
+        tracking.fail_run(c, run_id, str(err))
         return Outcome(cell, "failed", run_id, str(err))
-    except Exception as err:  # a bug or an out-of-memory: this cell fails, the grid goes on
+    except Exception as err:  # a bug or out of memory: this cell fails, the grid goes on
         reason = f"{type(err).__name__}: {err}"
-        tracking.fail_cell_run(c, run_id, reason)
-        _log_text(c, run_id, traceback.format_exc(), "traceback.txt")
+        tracking.fail_run(c, run_id, reason)
+        with tracking.artifact_dir(c, run_id) as folder:
+            (folder / "traceback.txt").write_text(traceback.format_exc())
         return Outcome(cell, "failed", run_id, reason)
-    _log_artifacts(c, run_id, cell, result, ckpt)
+    _log_artifacts(c, run_id, cell, result, kept[0] if kept else None)
     tracking.end_cell_run(c, run_id, result)
-    ckpt.unlink(missing_ok=True)
+    if checkpoint is not None:
+        checkpoint.remove()
     state: State = "finished" if result.status == "finished" else "diverged"
     return Outcome(cell, state, run_id, result.reason, result.final)
+
+
+def reuse(c: Any, task: CellTask, original: Any, claim: tracking.Claim) -> Outcome:
+    """A FINISHED run of the same resolved config in another experiment stands for this cell:
+    a run here, tagged with where it comes from, carries its params and metrics (the per-epoch
+    ones too, so curves and reports read it like any other), not its artifacts."""
+    cell = task.cell
+    run = c.create_run(task.experiment_id, start_time=original.info.start_time)
+    run_id = run.info.run_id
+    tracking.bind_claim(c, claim, run_id)
+    tracking.log_params(c, run_id, cell.config.flat())
+    parent = {"mlflow.parentRunId": task.parent_run_id} if task.parent_run_id else {}
+    keep = ("dataset_fingerprint", "device", "diverged", "git_commit")
+    tracking.set_tags(c, run_id, {
+        **tracking.cell_tags(cell), **parent, **{k: original.data.tags.get(k) for k in keep},
+        "ablate.reused_from": original.info.run_id,
+        "ablate.reused_from_experiment": original.info.experiment_id})
+    from mlflow.entities import Metric
+
+    history = [Metric(m.key, m.value, m.timestamp, m.step)
+               for name in tracking.EPOCH_METRICS
+               for m in c.get_metric_history(original.info.run_id, name)]
+    c.log_batch(run_id, metrics=history)
+    tracking.log_metrics(c, run_id, {k: v for k, v in original.data.metrics.items()
+                                     if k not in tracking.EPOCH_METRICS})
+    c.set_terminated(run_id, status="FINISHED", end_time=original.info.end_time)
+    return Outcome(cell, "reused", run_id, None, dict(original.data.metrics))
+
+
+# --- checkpoints and artifacts -------------------------------------------------------------
+
+
+def local_artifacts(run: Any) -> Path | None:
+    """The run's artifact folder when it is on this machine's disk, else None."""
+    parsed = urlparse(run.info.artifact_uri)
+    return Path(unquote(parsed.path)) if parsed.scheme == "file" else None
+
+
+def resume_checkpoint(c: Any, run_id: str) -> Any:
+    """The checkpoint a cell resumes from: an artifact of its own run, so that a cell
+    interrupted on one machine resumes on another. In a local store it is written in place;
+    elsewhere it goes through the artifact store every epoch."""
+    from alexnet.train import Checkpoint
+
+    folder = local_artifacts(c.get_run(run_id))
+    if folder is not None:
+        return Checkpoint(folder / RESUME_ARTIFACT)
+    return ArtifactCheckpoint(c, run_id)
+
+
+class ArtifactCheckpoint:
+    """A checkpoint kept in a remote artifact store (a tracking server's, an object store)."""
+
+    def __init__(self, c: Any, run_id: str) -> None:
+        from alexnet.train import Checkpoint
+
+        self.c, self.run_id = c, run_id
+        self._dir = tempfile.TemporaryDirectory(prefix="ablate-resume-")
+        self.local = Checkpoint(Path(self._dir.name) / Path(RESUME_ARTIFACT).name)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        with contextlib.suppress(Exception):  # absent: a new run
+            self.c.download_artifacts(self.run_id, RESUME_ARTIFACT, self._dir.name)
+            Path(self._dir.name, RESUME_ARTIFACT).replace(self.local.path)
+        return self.local.load(key)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.local.save(state)
+        self.c.log_artifact(self.run_id, str(self.local.path), Path(RESUME_ARTIFACT).parent.name)
+
+    def remove(self) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(self.c.get_run(self.run_id).info.artifact_uri)
+        with contextlib.suppress(Exception):
+            repo.delete_artifacts(Path(RESUME_ARTIFACT).parent.name)
+        self._dir.cleanup()
 
 
 def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
@@ -181,187 +291,66 @@ def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
         c.log_artifact(run_id, str(profiler.trace), artifact_path="profile")
 
 
-def _log_text(c: Any, run_id: str, text: str, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(text)
-        c.log_artifact(run_id, str(path))
+def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: Any) -> None:
+    """The resolved config, the learning curves and the final weights (a state dict: loading
+    it runs no code)."""
+    import torch
+    import yaml
 
-
-def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, ckpt: Path) -> None:
-    """The resolved config, the learning curves and the final checkpoint."""
-    _log_text(c, run_id, yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False),
-              "config.yaml")
-    if result.history:
-        with tempfile.TemporaryDirectory() as tmp:
-            png = Path(tmp) / "learning_curves.png"
-            plot_learning_curves(result, cell, png)
-            c.log_artifact(run_id, str(png))
-    if ckpt.exists():
-        c.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+    with tracking.artifact_dir(c, run_id) as folder:
+        (folder / "config.yaml").write_text(
+            yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
+        if result.history:
+            plot_learning_curves(result, cell, folder / "learning_curves.png")
+        if model is not None:
+            (folder / "weights").mkdir()
+            torch.save(model.state_dict(), folder / WEIGHTS_ARTIFACT)
 
 
 def plot_learning_curves(result: RunResult, cell: Cell, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [h.epoch for h in result.history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig = Figure(figsize=(6, 3.5), dpi=110, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(epochs, [100 * h.train_error for h in result.history], label="training error")
     ax.plot(epochs, [100 * h.val_error for h in result.history], label="validation error")
-    ax.axhline(100 * cell.config.train.target_train_error, ls="--", c="grey", lw=1,
-               label=f"{100 * cell.config.train.target_train_error:.0f}% target")
+    target = 100 * cell.config.train.target_train_error
+    ax.axhline(target, ls="--", c="grey", lw=1, label=f"{target:.0f}% target")
     ax.set(xlabel="epoch", ylabel="top-1 error (%)", title=f"{cell.arm_label}, seed {cell.seed}")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
-# --- worker processes --------------------------------------------------------------------
+# --- data, opened once per process -----------------------------------------------------------
 
-_EVENTS: Any = None
-_PROFILE = False
-
-
-def _init_worker(threads: int | None, events: Any, profile: bool) -> None:
-    global _EVENTS, _PROFILE
-    _EVENTS, _PROFILE = events, profile
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+_DATA: dict[str, Any] = {}
 
 
-def _worker(uri: str, experiment_id: str, parent_run_id: str | None, planned: Planned
-            ) -> Outcome:
-    return execute_cell(uri, experiment_id, parent_run_id, planned, emit=_EVENTS.put,
-                        profile=_PROFILE)
+def data_identity(cell: Cell) -> str:
+    """What decides a Data object: the whole data section and the device it lives on."""
+    from alexnet.train import resolve_device
+
+    return f"{cell.config.data.model_dump_json()}@{resolve_device(cell.config.runtime.device)}"
 
 
-def threads_per_job(jobs: int, device: str) -> int | None:
-    """On CPU the cores are split between the jobs; a GPU's jobs need few host threads."""
-    if device.startswith("cuda"):
-        return 2
-    return max(1, (os.cpu_count() or 1) // jobs)
+def open_data_once(cell: Cell) -> Any:
+    """The cells of a grid and the trials of a sweep usually share their data: decode it and
+    move it to the device once per process (one dataset in memory at a time)."""
+    from alexnet.data import open_data
+    from alexnet.train import resolve_device
+
+    ident = data_identity(cell)
+    if ident not in _DATA:
+        _DATA.clear()
+        _DATA[ident] = open_data(cell.config.data, resolve_device(cell.config.runtime.device))
+    return _DATA[ident]
 
 
-# --- the grid ----------------------------------------------------------------------------
-
-
-@dataclass
-class GridResult:
-    outcomes: list[Outcome]
-    parent_run_ids: list[str]
-
-    @property
-    def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.state in ("failed", "diverged")]
-
-
-class Progress:
-    """What the runner tells whoever shows progress; the CLI implements it with rich."""
-
-    def grid_started(self, name: str, total: int, skipped: int) -> None: ...
-    def cell_event(self, cell: Cell, kind: str, payload: Any) -> None: ...
-    def cell_done(self, outcome: Outcome) -> None: ...
-
-
-def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *, jobs: int = 1,
-                 force: bool = False, progress: Progress | None = None,
-                 extra_parent_tags: dict[str, str] | None = None, profile: bool = False
-                 ) -> GridResult:
-    """Run every cell of ``ablation`` (or of each member of a composite) into the store."""
-    progress = progress or Progress()
-    c = tracking.client(uri)
-    by_ablation: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_ablation.setdefault(cell.ablation, []).append(cell)
-    outcomes: list[Outcome] = []
-    parents: list[str] = []
-    for name, group in by_ablation.items():
-        member = next(m for m in ablation.members() if m.name == name)
-        exp_id = tracking.get_experiment_id(c, uri, name)
-        planned = plan(c, uri, exp_id, group, force=force)
-        todo = [p for p in planned if p.action in ("new", "resume")]
-        for p in planned:
-            if p.action == "skip":
-                outcomes.append(Outcome(p.cell, "skipped", p.run_id))
-            elif p.action == "running":
-                outcomes.append(Outcome(p.cell, "running", p.run_id,
-                                        "running in another process"))
-        progress.grid_started(name, len(todo), len(planned) - len(todo))
-        if not todo:
-            continue
-        parent = c.create_run(exp_id, tags={
-            "ablate.kind": "grid", "ablation": name, "claims": ",".join(member.claims),
-            "git_commit": tracking.git_commit() or "", "mlflow.runName": f"{name} grid",
-            **(extra_parent_tags or {})})
-        parent_id = parent.info.run_id
-        parents.append(parent_id)
-        tracking.log_params(c, parent_id, {"cells": len(planned), "jobs": jobs,
-                                           "seeds": sorted({p.cell.seed for p in planned})})
-        try:
-            if jobs <= 1:
-                done = _run_here(uri, exp_id, parent_id, todo, progress, profile)
-            else:
-                done = _run_pool(uri, exp_id, parent_id, todo, jobs, progress, profile)
-        except KeyboardInterrupt:
-            c.set_terminated(parent_id, status="KILLED")
-            raise
-        outcomes.extend(done)
-        bad = any(o.state in ("failed", "diverged") for o in done)
-        c.set_terminated(parent_id, status="FAILED" if bad else "FINISHED")
-    return GridResult(outcomes, parents)
-
-
-def _run_here(uri: str, exp_id: str, parent_id: str, todo: list[Planned],
-              progress: Progress, profile: bool) -> list[Outcome]:
-    by_key = {p.cell.key: p.cell for p in todo}
-    out = []
-    for p in todo:
-        outcome = execute_cell(uri, exp_id, parent_id, p,
-                               emit=lambda e: progress.cell_event(by_key[e[1]], e[0], e[2]),
-                               profile=profile)
-        progress.cell_done(outcome)
-        out.append(outcome)
-    return out
-
-
-def _run_pool(uri: str, exp_id: str, parent_id: str, todo: list[Planned], jobs: int,
-              progress: Progress, profile: bool) -> list[Outcome]:
-    ctx = mp.get_context("spawn")  # fork after torch and MLflow have threads is unsafe
-    manager = ctx.Manager()
-    events = manager.Queue()
-    by_key = {p.cell.key: p.cell for p in todo}
-    threads = threads_per_job(jobs, todo[0].cell.config.runtime.device)
-    out = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, events, profile)) as pool:
-        pending = {pool.submit(_worker, uri, exp_id, parent_id, p): p for p in todo}
-        while pending:
-            finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(events, by_key, progress)
-            for fut in finished:
-                p = pending.pop(fut)
-                try:
-                    outcome = fut.result()
-                except Exception as err:  # the worker process itself died
-                    outcome = Outcome(p.cell, "failed", None, f"worker died: {err}")
-                progress.cell_done(outcome)
-                out.append(outcome)
-    _drain(events, by_key, progress)
-    manager.shutdown()
-    return out
-
-
-def _drain(events: Any, by_key: dict[str, Cell], progress: Progress) -> None:
-    while True:
-        try:
-            kind, key, payload = events.get_nowait()
-        except (queue.Empty, EOFError, OSError):
-            return
-        progress.cell_event(by_key[key], kind, payload)
+def preflight_data(cells: list[Cell]) -> None:
+    """Open every distinct dataset before anything is logged, so that bad data is bad input
+    (exit 2) and the decoded cache is ready for every worker."""
+    for cell in {data_identity(c): c for c in cells}.values():
+        open_data_once(cell)

@@ -1,112 +1,53 @@
-"""MLflow: where the store is, and how a cell's run is found, opened, logged and closed.
+"""MLflow runs: how a run is found, claimed, opened, kept alive and closed.
 
 MLflow is the system of record: the report reads everything it shows from here.
-Schema of a cell's run (the report and the sweep rely on these names):
-  tags     ablate.kind=cell|grid|sweep|trial, ablation, arm ("activation=tanh"), axis.<axis>,
-           seed, cell_key, claims, git_commit, dataset_fingerprint, device, tuned,
-           failure_reason (FAILED runs), diverged
+Schema of the runs (the report and the sweep rely on these names):
+  tags     ablate.kind=cell|grid|sweep|trial|ensemble, ablation, arm ("activation=tanh"),
+           axis.<axis>, seed, cell_key (cells; trials carry config_key), ablate.grid_key,
+           claims, git_commit, dataset_fingerprint, device, tuned, failure_reason,
+           diverged, ablate.reused_from (a finished run of the same cell, reused),
+           ablate.host / ablate.pid / ablate.heartbeat_ms (who runs it, and that it lives)
   params   every resolved config value under its dotted key
   metrics  per epoch (step = epoch): train_loss, train_error, val_loss, val_error,
            val_error_top5, lr, images_per_second, epoch_seconds; at the end: final_*,
-           best_val_error, epochs_to_target, train_seconds, epochs_completed
+           best_val_error, epochs_to_target, train_seconds, epochs_completed, test_*
+
+One staleness rule for every run and claim (``is_stale``): the process that owns it is gone
+(same host: its pid is dead) or silent (another host: no heartbeat for STALE_SECONDS).
+Optuna's trial heartbeats use the same two numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from alexnet.errors import StoreError
-
-DEFAULT_STORE = "mlruns"
-DB_NAME = "mlflow.db"
+from alexnet.store import HEARTBEAT_SECONDS, STALE_SECONDS, artifact_root
 
 EPOCH_METRICS = ("train_loss", "train_error", "val_loss", "val_error", "val_error_top5", "lr",
                  "images_per_second", "epoch_seconds")
+CLAIMS_EXPERIMENT = "ablate-claims"
 
 
-def tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db (SQLite)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(Path.cwd() / DEFAULT_STORE / DB_NAME).resolve()}"
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
-def local_store_dir(uri: str) -> Path | None:
-    """The folder holding a SQLite store (artifacts and checkpoints live beside it)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent
-    return None
+# --- experiments and lookups ------------------------------------------------------------
 
 
-def artifact_root(uri: str, experiment: str) -> str | None:
-    """Artifacts beside a local SQLite database, so the store is one folder; a server
-    decides for itself (None)."""
-    store = local_store_dir(uri)
-    return (store / "artifacts" / experiment).resolve().as_uri() if store else None
-
-
-def checkpoint_dir(uri: str) -> Path:
-    """Per-epoch resume checkpoints: inside a local store, else in the user's cache."""
-    store = local_store_dir(uri)
-    if store is not None:
-        return store / "checkpoints"
-    cache_root = os.environ.get("ALEXNET_CACHE") or Path.home() / ".cache" / "alexnet-ablate"
-    return Path(cache_root) / "checkpoints"
-
-
-def check_store(uri: str, *, create: bool = True) -> None:
-    """Fail fast, with one line, when the store cannot be reached. Touches nothing."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status >= 400:
-                    raise StoreError(f"tracking URI {uri} answered HTTP {resp.status}")
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise StoreError(f"tracking URI {uri} cannot be reached ({reason}); start the server "
-                             "or pass another --tracking-uri") from None
-        return
-    store = local_store_dir(uri)
-    if store is not None:
-        default = store.resolve() == (Path.cwd() / DEFAULT_STORE).resolve()
-        if not store.is_dir() and not (create and default):
-            raise StoreError(f"tracking URI {uri}: folder {store} does not exist; create it or "
-                             "pass another --tracking-uri")
-        return
-    if parsed.scheme in ("", "file"):
-        raise StoreError(f"tracking URI {uri}: use a database URI such as sqlite:///path/mlflow.db "
-                         "or an http(s):// tracking server")
-
-
-def client(uri: str) -> Any:
-    """An MlflowClient on ``uri``, creating a local default store's folder if needed."""
-    from filelock import FileLock
-    from mlflow.tracking import MlflowClient
-
-    store = local_store_dir(uri)
-    if store is None:
-        return MlflowClient(tracking_uri=uri)
-    store.mkdir(parents=True, exist_ok=True)
-    # Two processes creating a new SQLite store at once make MLflow fail ("duplicate
-    # column name"): the first creates the tables under the lock, the rest wait for it.
-    with FileLock(str(store / ".create.lock"), timeout=600):
-        c = MlflowClient(tracking_uri=uri)
-        c.search_experiments(max_results=1)  # creates and migrates the tables
-    return c
-
-
-def get_experiment_id(c: Any, uri: str, name: str, *, create: bool = True) -> str | None:
+def get_experiment_id(c: Any, uri: str, name: str, *, create: bool = True,
+                      tags: dict[str, str] | None = None) -> str | None:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -115,46 +56,227 @@ def get_experiment_id(c: Any, uri: str, name: str, *, create: bool = True) -> st
     from mlflow.exceptions import MlflowException
 
     try:
-        return c.create_experiment(name, artifact_location=artifact_root(uri, name))
+        return c.create_experiment(name, artifact_location=artifact_root(uri, name),
+                                   tags=tags)
     except MlflowException:  # another process created it first
         return c.get_experiment_by_name(name).experiment_id
 
 
-def runs_for_key(c: Any, experiment_id: str, cell_key: str) -> list[Any]:
-    return c.search_runs([experiment_id], filter_string=f"tags.cell_key = '{cell_key}'",
-                         max_results=1000)
+def experiment_ids(c: Any) -> list[str]:
+    return [e.experiment_id for e in c.search_experiments(max_results=50000)]
 
 
-def cell_runs(c: Any, experiment_id: str) -> list[Any]:
-    return c.search_runs([experiment_id], filter_string="tags.`ablate.kind` = 'cell'",
-                         max_results=50000)
+def cell_runs(c: Any, experiment_ids: list[str], cell_key: str | None = None) -> list[Any]:
+    """Cell runs (never trials or grids), of one cell when ``cell_key`` is given."""
+    query = "tags.`ablate.kind` = 'cell'"
+    if cell_key is not None:
+        query += f" and tags.cell_key = '{cell_key}'"
+    return c.search_runs(experiment_ids, filter_string=query, max_results=50000)
 
 
-# --- run ownership: a RUNNING run whose process is gone is stale --------------------------
-
-STALE_AFTER_SECONDS = 30 * 60  # another host's run with no heartbeat for this long
+# --- who owns a run, and whether it still lives --------------------------------------------
 
 
 def owner_tags() -> dict[str, str]:
-    return {"ablate.host": socket.gethostname(), "ablate.pid": str(os.getpid())}
+    return {"ablate.host": socket.gethostname(), "ablate.pid": str(os.getpid()),
+            "ablate.heartbeat_ms": str(now_ms())}
 
 
-def is_stale(run: Any, now_ms: int) -> bool:
-    """A RUNNING run is stale when its process is gone (same host) or silent (elsewhere)."""
-    if run.info.status != "RUNNING":
-        return False
-    tags = run.data.tags
-    if tags.get("ablate.host") == socket.gethostname():
+def process_gone(host: str, pid: str, last_sign_ms: int, now: int | None = None) -> bool:
+    """The one staleness rule: a process of this host is gone when its pid is dead; one of
+    another host when it has given no sign of life for STALE_SECONDS."""
+    if host == socket.gethostname():
         try:
-            os.kill(int(tags.get("ablate.pid", "0")), 0)
+            os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
             return True
         except PermissionError:
             return False
         return False
-    heartbeat = tags.get("ablate.heartbeat_ms")
-    last = int(heartbeat) if heartbeat else run.info.start_time
-    return now_ms - last > STALE_AFTER_SECONDS * 1000
+    return (now or now_ms()) - last_sign_ms > STALE_SECONDS * 1000
+
+
+def is_stale(run: Any, now: int | None = None) -> bool:
+    """A RUNNING run whose process is gone (see ``process_gone``)."""
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    beat = tags.get("ablate.heartbeat_ms")
+    last = int(beat) if beat and beat.isdigit() else run.info.start_time
+    return process_gone(tags.get("ablate.host", ""), tags.get("ablate.pid", "0"), last, now)
+
+
+def close_stale_runs(c: Any, experiment_id: str, kinds: Iterable[str] = ("grid", "sweep")
+                     ) -> int:
+    """Mark RUNNING runs of dead processes KILLED, so that nothing stays RUNNING forever.
+    Cell runs are left to their next claimant, which resumes them."""
+    closed = 0
+    for kind in kinds:
+        for run in c.search_runs([experiment_id], filter_string=(
+                f"tags.`ablate.kind` = '{kind}' and attributes.status = 'RUNNING'"),
+                max_results=10000):
+            if is_stale(run):
+                fail_run(c, run.info.run_id, "its process ended without closing it", "KILLED")
+                closed += 1
+    return closed
+
+
+class Heartbeat:
+    """Refreshes a run's ``ablate.heartbeat_ms`` every HEARTBEAT_SECONDS from a thread, and,
+    for a claimed cell, notices when another process has taken the claim over (``lost``)."""
+
+    def __init__(self, c: Any, run_id: str, claim: Claim | None = None) -> None:
+        self.c, self.run_id, self.claim = c, run_id, claim
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ablate-heartbeat")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                set_tags(self.c, self.run_id, {"ablate.heartbeat_ms": now_ms()})
+                if self.claim is not None and not claim_is_current(self.c, self.claim):
+                    self.lost = True
+
+
+# --- claims: which process trains a cell ---------------------------------------------------
+# Claims live in the store itself, so that any number of processes or machines sharing it
+# agree. MLflow params are immutable: logging a param that exists with another value fails,
+# atomically, in every store (SQL primary key, or the tracking server doing the same). A
+# claim of cell K is the param ``claim.K.N`` = this process's token on one registry run;
+# attempt N+1 takes over a stale attempt N, and only one process can log it.
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    attempt: int
+    token: str
+
+
+def _token() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{now_ms()}:{uuid.uuid4().hex[:8]}"
+
+
+_REGISTRY: dict[str, str] = {}  # tracking URI -> the registry run's id, once looked up
+
+
+def registry_run_id(c: Any) -> str:
+    """The run whose params hold every claim of the store, created once per store.
+
+    The process that creates the claims experiment (an atomic create: names are unique)
+    creates the registry run and names it in an experiment tag; others wait for the tag. A
+    creator that died in between leaves no tag: the experiment is renamed aside and the
+    race run again."""
+    from mlflow.exceptions import MlflowException
+
+    uri = c.tracking_uri
+    if uri in _REGISTRY:
+        return _REGISTRY[uri]
+    for _ in range(3):
+        exp = c.get_experiment_by_name(CLAIMS_EXPERIMENT)
+        if exp is None:
+            try:
+                exp_id = c.create_experiment(CLAIMS_EXPERIMENT, tags={"mlflow.note.content": (
+                    "Bookkeeping of ablate: which process trains which cell, one param per "
+                    "claim. Keep it: deleting it lets two processes train the same cell.")})
+            except MlflowException:
+                continue  # another process created it: read its tag
+            run = c.create_run(exp_id, tags={"mlflow.runName": "cell claims",
+                                             "ablate.kind": "claims"})
+            c.set_terminated(run.info.run_id)  # params can still be logged: it is not deleted
+            c.set_experiment_tag(exp_id, "ablate.registry_run", run.info.run_id)
+            _REGISTRY[uri] = run.info.run_id
+            return run.info.run_id
+        for _ in range(100):
+            run_id = exp.tags.get("ablate.registry_run")
+            if run_id:
+                _REGISTRY[uri] = run_id
+                return run_id
+            time.sleep(0.1)
+            exp = c.get_experiment(exp.experiment_id)
+        c.rename_experiment(exp.experiment_id, f"{CLAIMS_EXPERIMENT}-abandoned-{exp.experiment_id}")
+    raise RuntimeError("could not set up the claims registry of this store")
+
+
+def _attempts(params: dict[str, str], key: str) -> dict[int, str]:
+    prefix = f"claim.{key}."
+    return {int(k[len(prefix):]): v for k, v in params.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def _holder_lives(c: Any, params: dict[str, str], key: str, attempt: int) -> bool:
+    token = params[f"claim.{key}.{attempt}"]
+    run_id = params.get(f"claim.{key}.{attempt}.run")
+    if run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = c.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.status == "RUNNING" and not is_stale(run)
+    host, pid, since, _ = token.rsplit(":", 3)
+    return not process_gone(host, pid, int(since))
+
+
+def claim_cell(c: Any, key: str) -> Claim | None:
+    """Claim cell ``key`` for this process, or None while another live process holds it."""
+    from mlflow.exceptions import MlflowException
+
+    registry = registry_run_id(c)
+    params = c.get_run(registry).data.params
+    attempts = _attempts(params, key)
+    last = max(attempts, default=0)
+    if last and _holder_lives(c, params, key, last):
+        return None
+    claim = Claim(key, last + 1, _token())
+    try:
+        c.log_param(registry, f"claim.{key}.{claim.attempt}", claim.token)
+    except MlflowException:
+        return None  # another process logged this attempt first
+    return claim if claim_is_current(c, claim) else None
+
+
+def claim_is_current(c: Any, claim: Claim) -> bool:
+    params = c.get_run(registry_run_id(c)).data.params
+    attempts = _attempts(params, claim.key)
+    return attempts.get(claim.attempt) == claim.token and max(attempts) == claim.attempt
+
+
+def bind_claim(c: Any, claim: Claim, run_id: str) -> None:
+    """Name the run that works on the claim, whose heartbeat then says whether it lives."""
+    c.log_param(registry_run_id(c), f"claim.{claim.key}.{claim.attempt}.run", run_id)
+
+
+def once(c: Any, key: str, create: Callable[[], str], wait_seconds: float = 30) -> str:
+    """The run id that ``create`` made for ``key``, made by exactly one process of all that
+    ask (the first to claim ``key``); the others wait for it."""
+    registry = registry_run_id(c)
+    name = f"once.{key}"
+    claim = claim_cell(c, name)
+    if claim is not None and f"{name}.run" not in c.get_run(registry).data.params:
+        run_id = create()
+        c.log_param(registry, f"{name}.run", run_id)
+        return run_id
+    deadline = time.time() + wait_seconds
+    while time.time() < deadline:
+        run_id = c.get_run(registry).data.params.get(f"{name}.run")
+        if run_id:
+            return run_id
+        time.sleep(0.2)
+    raise RuntimeError(f"the process creating the run for {key} did not finish")
+
+
+# --- logging -------------------------------------------------------------------------------
 
 
 @cache
@@ -174,17 +296,14 @@ def git_commit() -> str | None:
 def log_params(c: Any, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, "None" if v is None else str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow's batch limit
-        c.log_batch(run_id, params=items[i:i + 100])
+    c.log_batch(run_id, params=[Param(k, "None" if v is None else str(v))
+                                for k, v in params.items()])
 
 
 def log_metrics(c: Any, run_id: str, values: dict[str, float], step: int | None = None) -> None:
-    import time
-
     from mlflow.entities import Metric
 
-    ts = int(time.time() * 1000)
+    ts = now_ms()
     metrics = [Metric(k, float(v), ts, step or 0) for k, v in values.items() if v is not None]
     if metrics:
         c.log_batch(run_id, metrics=metrics)
@@ -202,47 +321,37 @@ def join_claims(claims: Iterable[str]) -> str:
     return ",".join(claims)
 
 
-# --- a cell's run ------------------------------------------------------------------------
-
-
-def cell_tags(cell: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def cell_tags(cell: Any, kind: str = "cell") -> dict[str, Any]:
     """The tags that make a cell's run findable: by ablation, arm, axis, seed and key."""
-    tags = {"ablate.kind": "cell", "ablation": cell.ablation, "arm": cell.arm_label,
-            "seed": cell.seed, "cell_key": cell.key, "ablate.grid_key": cell.grid_key,
-            "claims": join_claims(cell.claims),
+    tags = {"ablate.kind": kind, "ablation": cell.ablation, "arm": cell.arm_label,
+            "seed": cell.seed, "cell_key" if kind == "cell" else "config_key": cell.key,
+            "ablate.grid_key": cell.grid_key, "claims": join_claims(cell.claims),
             "git_commit": git_commit(), "tuned": "true" if cell.tuned else "false",
             "mlflow.runName": f"{cell.arm_label} seed={cell.seed}"}
     tags.update({f"axis.{axis}": arm for axis, arm in cell.arms.items()})
-    tags.update(extra or {})
     return tags
 
 
 def start_cell_run(c: Any, experiment_id: str, cell: Any, *, parent_run_id: str | None,
-                   resume_run_id: str | None = None, extra_tags: dict[str, Any] | None = None
-                   ) -> str:
+                   resume_run_id: str | None = None, extra_tags: dict[str, Any] | None = None,
+                   kind: str = "cell") -> str:
     """Open a RUNNING run for ``cell`` (or reopen ``resume_run_id``) with its params and tags."""
-    import time
-
     if resume_run_id is None:
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run = c.create_run(experiment_id, tags=tags)
+        run = c.create_run(experiment_id)
         run_id = run.info.run_id
         log_params(c, run_id, cell.config.flat())
     else:
         run_id = resume_run_id
         c.update_run(run_id, status="RUNNING")
-    set_tags(c, run_id, {**cell_tags(cell, extra_tags), **owner_tags(),
-                         "ablate.heartbeat_ms": int(time.time() * 1000)})
+    parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    set_tags(c, run_id, {**cell_tags(cell, kind), **parent, **owner_tags(), **(extra_tags or {})})
     return run_id
 
 
-def log_epoch(c: Any, run_id: str, metrics: Any) -> None:
-    """Per-epoch metrics at step = epoch, and a heartbeat so others see the run is alive."""
-    import time
-
+def log_epoch(c: Any, run_id: str, metrics: Any, step: int | None = None) -> None:
+    """Per-epoch metrics at step = epoch (or ``step``), which also say the run is alive."""
     values = metrics.as_dict()
-    log_metrics(c, run_id, {k: values[k] for k in EPOCH_METRICS}, step=metrics.epoch)
-    set_tags(c, run_id, {"ablate.heartbeat_ms": int(time.time() * 1000)})
+    log_metrics(c, run_id, {k: values[k] for k in EPOCH_METRICS}, step=step or metrics.epoch)
 
 
 def end_cell_run(c: Any, run_id: str, result: Any) -> None:
@@ -256,6 +365,17 @@ def end_cell_run(c: Any, run_id: str, result: Any) -> None:
     c.set_terminated(run_id, status="FINISHED" if result.status == "finished" else "FAILED")
 
 
-def fail_cell_run(c: Any, run_id: str, reason: str, status: str = "FAILED") -> None:
+def fail_run(c: Any, run_id: str, reason: str, status: str = "FAILED") -> None:
     set_tags(c, run_id, {"failure_reason": reason[:5000]})
     c.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def artifact_dir(c: Any, run_id: str) -> Iterator[Path]:
+    """A local folder whose files become the run's artifacts when the block ends."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        if any(Path(tmp).iterdir()):
+            c.log_artifacts(run_id, tmp)

@@ -7,6 +7,7 @@ train (metrics accumulate on the device), evaluate, step the schedule, checkpoin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -25,6 +26,7 @@ from alexnet.models import build_model_from_config
 from alexnet.results import EpochMetrics, RunResult
 
 CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 EpochCallback = Callable[[EpochMetrics], None]
@@ -145,25 +147,43 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, cfg: RunConfig,
 # --- checkpoints -------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a process killed mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class Checkpoint:
+    """Where a run saves its state every epoch and resumes from: one file, written atomically
+    (a process killed mid-write leaves the previous checkpoint intact) and read with
+    ``weights_only=True``, so a file planted there can never run code. A checkpoint that cannot
+    be read, or belongs to another config, costs the epochs since the start and one warning."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this config, else None (start afresh)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a corrupt checkpoint costs the epochs since the start, nothing more
-        return None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("cell_key") != key:
-        return None
-    return state
+    def load(self, key: str) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else \
+                type(err).__name__
+            log.warning("checkpoint %s cannot be read safely (%s); training from the start",
+                        self.path, reason)
+            return None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
+                or state.get("cell_key") != key:
+            log.warning("checkpoint %s belongs to another run config; training from the start",
+                        self.path)
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its folder too, once empty
+            self.path.parent.rmdir()
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -183,16 +203,20 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # --- the run -----------------------------------------------------------------------------
 
 
-def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
+def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
               on_epoch: EpochCallback | None = None, on_step: StepCallback | None = None,
-              data: Data | None = None) -> RunResult:
+              data: Data | None = None,
+              on_end: Callable[[nn.Module], None] | None = None,
+              score_test: bool = True) -> RunResult:
     """Train one run from a validated config and return its history.
 
-    With ``checkpoint_path`` the state is saved at the end of every epoch, and a run
-    whose checkpoint exists resumes after its last finished epoch; on CPU it ends with
-    the same numbers as an uninterrupted run. A NaN/inf loss ends the run with status
-    "diverged", not an exception. ``on_epoch`` sees each new epoch's metrics (MLflow
-    logging, Optuna pruning: an exception raised there propagates).
+    With a ``checkpoint`` the state is saved at the end of every epoch, and a run whose
+    checkpoint exists resumes after its last finished epoch; on CPU it ends with the same
+    numbers as an uninterrupted run. A NaN/inf loss ends the run with status "diverged",
+    not an exception. ``on_epoch`` sees each new epoch's metrics (MLflow logging, Optuna
+    pruning: an exception raised there propagates); ``on_end`` gets the trained model of a
+    run that did not diverge (its final weights are kept). ``score_test`` scores the final
+    model once on the data's held-out test split, where it has one (sweeps never do).
     """
     device = resolve_device(cfg.runtime.device)
     if cfg.runtime.threads:
@@ -211,7 +235,7 @@ def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
     result = RunResult(status="finished", device=str(device))
     key = cfg.key()
     start_epoch = 1
-    state = load_checkpoint(checkpoint_path, key) if checkpoint_path else None
+    state = checkpoint.load(key) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -256,8 +280,8 @@ def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
         # reported again on resume (same numbers), rather than saved but never reported.
         if on_epoch is not None:
             on_epoch(metrics)
-        if checkpoint_path is not None and cfg.runtime.checkpoint:
-            save_checkpoint(checkpoint_path, {
+        if checkpoint is not None and cfg.runtime.checkpoint:
+            checkpoint.save({
                 "format": CHECKPOINT_FORMAT, "cell_key": key, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -265,4 +289,6 @@ def train_run(cfg: RunConfig, *, checkpoint_path: Path | None = None,
                 "epochs_to_target": result.epochs_to_target,
                 "train_seconds": result.train_seconds, "rng": _rng_state(device),
                 "config": cfg.model_dump(mode="json")})
+    if on_end is not None and result.status == "finished":
+        on_end(model)
     return result

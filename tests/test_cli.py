@@ -93,7 +93,8 @@ def test_grid_logs_one_parent_and_a_finished_child_per_cell_then_skips_them(tmp_
         assert "final_val_error" in r.data.metrics
         assert "system/cpu_utilization_percentage" in r.data.metrics
         artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "learning_curves.png", "checkpoint"} <= artifacts
+        assert {"config.yaml", "learning_curves.png", "weights"} <= artifacts
+        assert "resume" not in artifacts  # the resume checkpoint goes once the cell finishes
     assert sorted(os.listdir(tmp_path)) == ["ablations", "mlruns"]  # nothing else left behind
 
     again = ablate(tmp_path, "run", "tiny")  # its speed is measured by hand, not timed here
@@ -111,11 +112,11 @@ def test_sigkill_mid_cell_then_rerun_resumes_to_the_same_numbers(tmp_path):
         tiny(d, seeds=(0,), epochs=5, train=1024)
     proc = subprocess.Popen([ABLATE, "run", "tiny"], cwd=killed, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpts = killed / "mlruns" / "checkpoints"
+    artifacts = killed / "mlruns" / "artifacts"
     deadline = time.time() + 120
-    while time.time() < deadline and not any(ckpts.glob("*.pt")):
+    while time.time() < deadline and not any(artifacts.rglob("resume/checkpoint.pt")):
         time.sleep(0.05)
-    assert any(ckpts.glob("*.pt")), "no checkpoint appeared"
+    assert any(artifacts.rglob("resume/checkpoint.pt")), "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, runs = store_runs(killed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alexnet.config import build_config
-from alexnet.train import load_checkpoint, train_run
+from alexnet.train import Checkpoint, evaluate, train_run
 
 TINY = {"data.synthetic.train_size": 512, "data.synthetic.val_size": 256, "train.epochs": 3,
         "runtime.device": "cpu"}
@@ -42,28 +42,51 @@ class Interrupt(Exception):
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     cfg = build_config("quick", {**TINY, "model.dropout": 0.5})  # dropout draws from the RNG
     whole = train_run(cfg)
-    ckpt = tmp_path / "cell.pt"
+    ckpt = Checkpoint(tmp_path / "cell.pt")
 
     def stop_in_epoch_2(m):
         if m.epoch == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_run(cfg, checkpoint_path=ckpt, on_epoch=stop_in_epoch_2)
-    assert load_checkpoint(ckpt, cfg.key())["epoch"] == 1
+        train_run(cfg, checkpoint=ckpt, on_epoch=stop_in_epoch_2)
+    assert ckpt.load(cfg.key())["epoch"] == 1
     seen = []
-    resumed = train_run(cfg, checkpoint_path=ckpt, on_epoch=seen.append)
+    resumed = train_run(cfg, checkpoint=ckpt, on_epoch=seen.append)
     assert [m.epoch for m in seen] == [2, 3]  # only the epochs it had not finished
     assert numbers(resumed) == numbers(whole)
 
 
-def test_checkpoint_of_another_config_is_ignored(tmp_path):
+def test_checkpoint_of_another_config_is_ignored_with_a_warning(tmp_path, caplog):
     cfg = build_config("quick", {**TINY, "train.epochs": 1})
-    ckpt = tmp_path / "cell.pt"
-    train_run(cfg, checkpoint_path=ckpt)
+    ckpt = Checkpoint(tmp_path / "cell.pt")
+    train_run(cfg, checkpoint=ckpt)
     other = build_config("quick", {**TINY, "train.epochs": 1, "optim.lr": 0.05})
-    assert load_checkpoint(ckpt, other.key()) is None
-    assert len(train_run(other, checkpoint_path=ckpt).history) == 1
+    assert ckpt.load(other.key()) is None
+    assert "belongs to another run config" in caplog.text
+    assert len(train_run(other, checkpoint=ckpt).history) == 1
+
+
+class Payload:
+    """Unpickling this runs code: what a checkpoint planted by someone else could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_is_never_executed_and_the_run_starts_afresh(tmp_path, caplog):
+    cfg = build_config("quick", {**TINY, "train.epochs": 2})
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "cell.pt"
+    torch.save({"format": 1, "cell_key": cfg.key(), "evil": Payload(marker)}, path)
+    result = train_run(cfg, checkpoint=Checkpoint(path))
+    assert not marker.exists()
+    assert [h.epoch for h in result.history] == [1, 2]  # trained from the start
+    warned = [r for r in caplog.records if "cannot be read safely" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0].getMessage()
 
 
 def test_divergence_is_reported_not_raised():
@@ -85,13 +108,31 @@ def test_plateau_schedule_divides_by_ten_at_most_max_decays_times():
 
 
 def test_ten_crop_evaluation_scores_the_averaged_softmax():
+    """The error of the softmax averaged over torchvision's ten crops (corners, centre and
+    their mirrors, Section 4.1) of the padded canvas, computed here independently."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from alexnet.data import open_data
+    from alexnet.data.augment import normalize
+
     base = build_config("quick", {**TINY, "train.epochs": 1})
     ten = build_config("quick", {**TINY, "train.epochs": 1, "data.ten_crop": True})
-    one, many = train_run(base), train_run(ten)
-    assert 0.0 <= many.history[0].val_error <= 1.0
+    models = []
+    one = train_run(base)
+    many = train_run(ten, on_end=models.append)
     # training is identical; only evaluation differs
     assert one.history[0].train_loss == many.history[0].train_loss
     assert one.history[0].val_loss != many.history[0].val_loss
+    data = open_data(ten.data, "cpu")
+    pad, crop = ten.data.crop_padding, ten.data.crop_size
+    canvas = torch.nn.functional.pad(data.val_images, (pad,) * 4)
+    model = models[0].eval()
+    with torch.no_grad():
+        probs = torch.stack([model(normalize(view, data.stats)).softmax(1)
+                             for view in TF.ten_crop(canvas, [crop, crop])]).mean(0)
+    expected = (probs.argmax(1) != data.val_labels).double().mean().item()
+    assert many.history[0].val_error == pytest.approx(expected, abs=1e-9)
+    assert evaluate(model, data, torch.device("cpu"), ten, False)[1] == pytest.approx(expected)
 
 
 def test_epochs_to_target_and_stop_at_target():

@@ -27,9 +27,9 @@ def write_report(name: str, tracking_uri: str | None = None,
     ``name`` is an ablation, whose experiment has the same name, or ``"paper"`` for one
     table over every ablation in the store. Raises StoreError when there are no runs.
     """
-    from alexnet import tracking
+    from alexnet import store
 
-    uri = tracking.tracking_uri(tracking_uri)
+    uri = store.tracking_uri(tracking_uri)
     out_dir = Path(out_dir)
     if name == PAPER:
         return _write_paper(uri, out_dir)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from alexnet import tracking
+from alexnet import store
 from alexnet.claims import CLAIMS
 from alexnet.errors import StoreError
 
@@ -46,7 +46,7 @@ class Runs:
 def load_runs(name: str, uri: str) -> Runs:
     """Every cell run of the ablation ``name`` (its experiment has the same name)."""
     _check_exists(name, uri)
-    c = tracking.client(uri)
+    c = store.client(uri, create=False)
     exp = c.get_experiment_by_name(name)
     if exp is None:
         raise StoreError(f"no runs of ablation {name} in {uri}; run `ablate run {name}` first")
@@ -59,7 +59,7 @@ def load_runs(name: str, uri: str) -> Runs:
 def load_store(uri: str, name: str = "paper") -> Runs:
     """Every experiment in the store that holds cell runs (for the summary over claims)."""
     _check_exists(name, uri)
-    c = tracking.client(uri)
+    c = store.client(uri, create=False)
     exps = {e.name: e.experiment_id for e in c.search_experiments(max_results=10000)}
     runs = _load(c, uri, exps, with_history=False)  # the summary draws no learning curves
     if runs.cells.empty:

@@ -1,0 +1,89 @@
+"""What the `ablate` commands share: their common options, the console, and how bad input
+becomes one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from alexnet.errors import AblateError, ConfigError
+
+# Piped output (CI logs, `| tee`) gets a width that fits the tables instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+state = {"debug": False}
+
+Quick = Annotated[bool, typer.Option(
+    "--quick", help="Synthetic data, tiny width, few epochs; the axes are kept.")]
+Seeds = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list: 0,1,2")]
+Epochs = Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")]
+Dataset = Annotated[str | None, typer.Option(help="synthetic | cifar10 | cifar100 | imagefolder")]
+DataRoot = Annotated[Path | None, typer.Option(
+    help="Where the data is: the image folder, or the CIFAR download cache.")]
+Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
+SetItems = Annotated[list[str] | None, typer.Option(
+    "--set", help="key=value for any config key, e.g. optim.lr=0.02; repeatable.")]
+TrackingUri = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns).")]
+Jobs = Annotated[int, typer.Option(min=1, help="Cells (or trials) run at once, in processes.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Bad input is one line on stderr and exit code 2; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AblateError as err:
+            if state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        if "," in text or text.startswith("["):
+            return [int(s) for s in text.strip("[]").split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give a count (3) or a list (0,1,2)") from None
+    if n < 1:
+        raise ConfigError(f"--seeds {text}: give at least one seed")
+    return list(range(n))
+
+
+def command_overrides(epochs: int | None, dataset: str | None, data_root: Path | None,
+                      device: str | None, set_: list[str] | None) -> dict[str, Any]:
+    """The dotted overrides that command-line options stand for; --set comes last."""
+    from alexnet.config import parse_set
+
+    overrides: dict[str, Any] = {}
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    if dataset is not None:
+        overrides["data.source"] = dataset
+    if data_root is not None:
+        if not data_root.exists():
+            raise ConfigError(f"--data-root {data_root}: no such directory; point it at the "
+                              "folder holding train/<class>/... or the CIFAR archives")
+        overrides["data.root"] = str(data_root.resolve())
+    if device is not None:
+        overrides["runtime.device"] = device
+    overrides.update(parse_set(set_ or []))
+    return overrides
