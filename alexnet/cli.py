@@ -349,6 +349,7 @@ def describe_model(
     init: Annotated[str | None, typer.Option(help="paper | kaiming")] = None,
     towers: Annotated[int | None, typer.Option(help="1 | 2")] = None,
     width: Annotated[float | None, typer.Option()] = None,
+    remove_conv: Annotated[str | None, typer.Option(help="none | conv2 | conv3 | conv4")] = None,
 ) -> None:
     """A per-layer table (output shape, parameters) and the total."""
     from alexnet.config import ModelConfig
@@ -358,7 +359,8 @@ def describe_model(
     from alexnet.models.summary import render_table
 
     given = {"name": name, "activation": activation, "norm": norm, "pool": pool,
-             "dropout": dropout, "init": init, "towers": towers, "width": width}
+             "dropout": dropout, "init": init, "towers": towers, "width": width,
+             "remove_conv": remove_conv}
     from pydantic import ValidationError
 
     from alexnet.config import describe_validation_error
