@@ -75,6 +75,17 @@ def test_models_do_not_need_torchvision() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_build_model_is_importable_from_the_package_top() -> None:
+    from alexnet import build_model as top_level
+
+    assert top_level is build_model
+    model = top_level("alexnet_cifar", num_classes=7, width=0.125, norm="bn")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    # ...without making `import alexnet` (every CLI command) pay for importing torch.
+    code = "import sys, alexnet; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 @pytest.mark.parametrize("pool", ["overlap", "nonoverlap"])
 def test_alexnet_shapes_at_227(pool: str) -> None:
     model = meta_model("alexnet", towers=2, pool=pool)
