@@ -275,6 +275,7 @@ def describe_model(
     init: Annotated[str | None, typer.Option(help="paper | kaiming")] = None,
     towers: Annotated[int | None, typer.Option(help="1 | 2")] = None,
     width: Annotated[float | None, typer.Option()] = None,
+    remove_conv: Annotated[str | None, typer.Option(help="none | conv2 | conv3 | conv4")] = None,
 ) -> None:
     """A per-layer table (output shape, parameters) and the total."""
     from alexnet.models import build_model, input_size
@@ -282,7 +283,7 @@ def describe_model(
     from alexnet.models.summary import render_table
 
     given = {"activation": activation, "norm": norm, "pool": pool, "dropout": dropout,
-             "init": init, "towers": towers, "width": width}
+             "init": init, "towers": towers, "width": width, "remove_conv": remove_conv}
     model = build_model(name, num_classes, **{k: v for k, v in given.items() if v is not None})
     rows = describe(model, input_size(name))
     console.print(render_table(rows, sum(p.numel() for p in model.parameters())))

@@ -24,6 +24,7 @@ Norm = Literal["lrn", "bn", "none"]
 Pool = Literal["overlap", "nonoverlap"]
 Init = Literal["paper", "kaiming"]
 ModelName = Literal["alexnet", "alexnet_cifar", "convnet4"]
+RemoveConv = Literal["none", "conv2", "conv3", "conv4"]  # Section 7's middle layers
 Source = Literal["synthetic", "cifar10", "cifar100", "imagefolder"]
 
 
@@ -40,6 +41,7 @@ class ModelConfig(_Section):
     init: Init = "paper"  # paper = N(0, 0.01), biases 1 in conv2/4/5 and hidden fc (Section 5)
     towers: Literal[1, 2] = 1  # 2 = groups=2 in conv2, conv4, conv5 (Section 3.2)
     width: float = Field(1.0, gt=0.0, le=8.0)  # multiplies every conv and hidden fc width
+    remove_conv: RemoveConv = "none"  # drop one middle conv layer (Section 7's depth claim)
 
 
 class SyntheticConfig(_Section):

@@ -116,32 +116,42 @@ def train_epoch(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Te
     return loss_sum, wrong, seen
 
 
+def softmax_probs(model: nn.Module, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Float32 softmax outputs (B, classes) of one evaluation batch, under the caller's
+    autocast. Ten crops (B, 10, C, H, W) are averaged per image (Section 4.1)."""
+    if images.dim() == 5:  # (B, crops, C, H, W)
+        b, c = images.shape[:2]
+        flat = _to_model_layout(images.flatten(0, 1), channels_last)
+        return model(flat).float().softmax(1).view(b, c, -1).mean(1)
+    return model(_to_model_layout(images, channels_last)).float().softmax(1)
+
+
+def score_batch(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(loss sum, top-1 errors, top-k errors) of one batch as a float64 tensor on its
+    device: summed over batches and read back once, with no host sync per batch."""
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
+    topk = probs.topk(k, dim=1).indices
+    wrong1 = (topk[:, 0] != labels).sum()
+    wrongk = (~(topk == labels[:, None]).any(1)).sum()
+    return torch.stack([loss, wrong1.double(), wrongk.double()])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, device: torch.device, cfg: RunConfig,
              channels_last: bool) -> tuple[float, float, float]:
     """Validation loss, top-1 and top-5 error. With ten crops (Section 4.1) the softmax
     outputs of the crops are averaged before scoring."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    wrong1 = torch.zeros((), device=device, dtype=torch.int64)
-    wrong5 = torch.zeros((), device=device, dtype=torch.int64)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
     n = 0
     k = min(5, data.num_classes)
     for images, labels in data.eval_batches(cfg.train.eval_batch_size):
         with _autocast(device, cfg):
-            if images.dim() == 5:  # (B, crops, C, H, W)
-                b, c = images.shape[:2]
-                flat = _to_model_layout(images.flatten(0, 1), channels_last)
-                probs = model(flat).float().softmax(1).view(b, c, -1).mean(1)
-            else:
-                probs = model(_to_model_layout(images, channels_last)).float().softmax(1)
-        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
-        topk = probs.topk(k, dim=1).indices
-        wrong1 += (topk[:, 0] != labels).sum()
-        wrong5 += (~(topk == labels[:, None]).any(1)).sum()
+            probs = softmax_probs(model, images, channels_last)
+        totals += score_batch(probs, labels, k)
         n += labels.shape[0]
-    totals = torch.stack([loss_sum, wrong1.double(), wrong5.double()]).tolist()  # one sync
-    return totals[0] / n, totals[1] / n, totals[2] / n
+    loss_sum, wrong1, wrong5 = totals.tolist()  # one sync
+    return loss_sum / n, wrong1 / n, wrong5 / n
 
 
 # --- checkpoints -------------------------------------------------------------------------

@@ -60,6 +60,38 @@ def test_paper_includes_every_claim_ablation():
     assert {"relu_speed", "lrn", "overlap_pool", "two_towers"} <= set(paper.claims)
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_depth_ablation_removes_one_middle_conv_per_arm(quick):
+    from alexnet.claims import CLAIMS
+
+    depth = load_ablation("depth")
+    assert depth.claims == ["depth"] and CLAIMS["depth"].ablation == "depth"
+    assert depth.reference == {"depth": CLAIMS["depth"].arm} == {"depth": "full"}
+    cells = depth.cells(quick=quick)
+    removed = {c.arms["depth"]: c.config.model.remove_conv for c in cells}
+    assert removed == {"full": "none", "no_conv2": "conv2", "no_conv3": "conv3",
+                       "no_conv4": "conv4"}
+    assert sorted(c.seed for c in cells if c.arms["depth"] == "no_conv3") == [0, 1, 2]
+    # Apart from the removed layer (and the seed) every arm is the same run.
+    assert len({c.grid_key for c in cells}) == 1
+    assert all(c.config.model.name == "alexnet_cifar" for c in cells)
+
+
+def test_ensemble_ablation_is_five_seeds_of_the_base_configuration():
+    from alexnet.claims import CLAIMS
+
+    ensemble = load_ablation("ensemble")
+    assert ensemble.claims == ["ensemble"] and CLAIMS["ensemble"].ablation == "ensemble"
+    assert "Table 2" in ensemble.title
+    cells = ensemble.cells()
+    assert [c.seed for c in cells] == [0, 1, 2, 3, 4]
+    assert {c.arm_label for c in cells} == {"ensemble=members"}
+    base = build_config("cifar")
+    for cell in cells:
+        assert cell.config.model_copy(update={"seed": 0}) == base
+    assert len({c.key for c in cells}) == 5
+
+
 def test_expansion_is_the_product_of_axes_and_seeds(tmp_path):
     ab = load_ablation(str(write(tmp_path, GOOD)))
     cells = ab.cells()

@@ -75,6 +75,17 @@ def test_models_do_not_need_torchvision() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_build_model_is_importable_from_the_package_top() -> None:
+    from alexnet import build_model as top_level
+
+    assert top_level is build_model
+    model = top_level("alexnet_cifar", num_classes=7, width=0.125, norm="bn")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    # ...without making `import alexnet` (every CLI command) pay for importing torch.
+    code = "import sys, alexnet; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 @pytest.mark.parametrize("pool", ["overlap", "nonoverlap"])
 def test_alexnet_shapes_at_227(pool: str) -> None:
     model = meta_model("alexnet", towers=2, pool=pool)
@@ -296,6 +307,94 @@ def test_names_options_and_input_sizes_agree_with_the_config() -> None:
     assert [input_size(n) for n in MODEL_NAMES] == [227, 32, 32]
 
 
+# --- the depth axis: one middle conv layer removed (Section 7) ------------------------------
+
+REMOVABLE = ["conv2", "conv3", "conv4"]
+
+
+def paper_conv_params(towers: int, stem_kernel: int, removed: str = "none") -> int:
+    """The conv layers' parameters at width 1, from the paper's shapes (Section 3.5):
+    out * (in / groups) * k * k weights plus out biases; the conv after a removed one takes
+    the maps of the conv before it."""
+    shapes = [  # (name, out channels, kernel, groups)
+        ("conv1", 96, stem_kernel, 1),
+        ("conv2", 256, 5, towers),
+        ("conv3", 384, 3, 1),
+        ("conv4", 384, 3, towers),
+        ("conv5", 256, 3, towers),
+    ]
+    total, maps = 0, 3
+    for name, out, k, groups in shapes:
+        if name != removed:
+            total += out * (maps // groups) * k * k + out
+            maps = out
+    return total
+
+
+def conv_order(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.features.named_children() if n.startswith("conv")]
+
+
+@pytest.mark.parametrize(("name", "stem_kernel"), [("alexnet", 11), ("alexnet_cifar", 5)])
+@pytest.mark.parametrize("towers", [1, 2])
+@pytest.mark.parametrize("removed", REMOVABLE)
+def test_removing_a_conv_drops_exactly_its_parameters_and_the_next_convs_extra_inputs(
+    name: str, stem_kernel: int, towers: int, removed: str
+) -> None:
+    full = meta_model(name, towers=towers)
+    shallow = meta_model(name, towers=towers, remove_conv=removed)
+    drop = paper_conv_params(towers, stem_kernel) - paper_conv_params(
+        towers, stem_kernel, removed
+    )
+    assert drop > 0
+    assert count_params(full) - count_params(shallow) == drop
+    # pool2 stays, so fc6 sees the same maps and only the conv stack changes.
+    assert layer(shallow, "classifier.fc6").in_features == layer(full, "classifier.fc6").in_features
+
+
+def test_the_full_net_is_unchanged_and_each_shallower_one_is_the_papers_minus_one_layer() -> None:
+    assert count_params(meta_model("alexnet", towers=2, remove_conv="none")) == 60_965_224
+    # Worked by hand from the shapes: conv2 (307,456) goes and conv3's input shrinks from
+    # 256 to 96 maps (-552,960); conv3 (885,120) goes and conv4, grouped, takes 256 maps
+    # instead of 384 (-221,184); conv4 (663,936) goes and conv5 keeps its 384 inputs.
+    expected = {"conv2": 60_104_808, "conv3": 59_858_920, "conv4": 60_301_288}
+    for removed, params in expected.items():
+        assert count_params(meta_model("alexnet", towers=2, remove_conv=removed)) == params
+
+
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_cifar"])
+@pytest.mark.parametrize("towers", [1, 2])
+@pytest.mark.parametrize("removed", REMOVABLE)
+def test_shallower_net_runs_and_chains_its_convs(name: str, towers: int, removed: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10, towers=towers, width=TINY_WIDTH[name], remove_conv=removed)
+    convs = conv_order(model)
+    assert convs == [c for c in ["conv1", "conv2", "conv3", "conv4", "conv5"] if c != removed]
+    modules = dict(model.features.named_children())
+    index = int(removed[-1])
+    before, after = modules[f"conv{index - 1}"], modules[f"conv{index + 1}"]
+    assert after.in_channels == before.out_channels
+    assert after.in_channels % after.groups == 0
+    # The removed layer takes what is its own (activation, conv2's LRN) but no pooling.
+    assert not {f"act{index}", f"lrn{index}"} & set(modules)
+    assert {"pool1", "pool2", "pool5"} <= set(modules)
+    size = input_size(name)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("removed", REMOVABLE)
+def test_paper_bias_one_rule_still_applies_to_the_convs_that_remain(removed: str) -> None:
+    model = build_model("alexnet_cifar", 10, init="paper", width=0.125, remove_conv=removed)
+    layers = weighted_layers(model)
+    assert removed not in layers
+    for name, m in layers.items():
+        bias = 1.0 if name in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0
+        assert torch.equal(m.bias, torch.full_like(m.bias, bias)), name
+
+
 # --- the locally connected layer ----------------------------------------------------------
 
 
@@ -343,6 +442,9 @@ def test_locally_connected_weights_are_unshared() -> None:
         ("alexnet", {"width": 0}, ["width", "greater than 0"]),
         ("alexnet", {"dropout": 1.0}, ["dropout", "less than 1"]),
         ("convnet4", {"towers": 2}, ["towers applies to alexnet and alexnet_cifar"]),
+        ("convnet4", {"remove_conv": "conv3"}, ["remove_conv applies to alexnet and"]),
+        ("alexnet", {"remove_conv": "conv5"}, ["none", "conv2", "conv3", "conv4"]),
+        ("alexnet", {"remove_conv": "conv1"}, ["remove_conv"]),
     ],
 )
 def test_bad_options(name: str, options: dict, words: list[str]) -> None:

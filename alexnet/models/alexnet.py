@@ -12,8 +12,11 @@ work), for width 1:
 
 T is ``towers``: 2 is the paper's two-GPU layout (60,965,224 parameters for 1000
 classes), 1 a single tower of full width (62,378,344). Both pooling arms give
-55->27->13->6 at 227. This is not torchvision's ``alexnet``, which is the 2014 "one weird
-trick" variant (64-192-384-256-256 kernels, no LRN).
+55->27->13->6 at 227. ``remove_conv`` (conv2, conv3 or conv4) drops one middle layer for
+Section 7's depth claim; every pool stays, so the sizes above do not change.
+
+This is not torchvision's ``alexnet``, which is the 2014 "one weird trick" variant
+(64-192-384-256-256 kernels, no LRN).
 
 The same class, with a smaller first convolution, is ``alexnet_cifar`` (see cifar.py).
 """
@@ -25,7 +28,15 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from alexnet.models.layers import conv_block, get_activation, get_pool, output_shape, scaled
+from alexnet.models.layers import (
+    REMOVABLE_CONVS,
+    check_choice,
+    conv_block,
+    get_activation,
+    get_pool,
+    output_shape,
+    scaled,
+)
 from alexnet.models.weight_init import init_weights
 
 IMAGENET_INPUT_SIZE = 227
@@ -56,6 +67,7 @@ class AlexNet(nn.Module):
         init: str = "paper",
         towers: int = 2,
         width: float = 1.0,
+        remove_conv: str = "none",
         input_size: int = IMAGENET_INPUT_SIZE,
         stem: tuple[int, int, int] = (11, 4, 0),
     ) -> None:
@@ -63,29 +75,39 @@ class AlexNet(nn.Module):
         c1, c2, c3, c4, c5 = (scaled(c, width, towers) for c in (96, 256, 384, 384, 256))
         hidden = scaled(4096, width)
         kernel, stride, padding = stem
-
-        def block(i: int, conv: nn.Conv2d, lrn_here: bool = False) -> list:
-            return conv_block(i, conv, conv.out_channels, activation, norm, lrn_here)
-
+        check_choice("remove_conv", remove_conv, REMOVABLE_CONVS)
         # The two towers of Section 3.2 are grouped convolutions: in conv2, conv4 and conv5
         # each kernel sees only the maps of its own tower; conv3 and the fc layers see
         # both. conv1 needs no groups: each tower's conv1 sees the whole image anyway.
         # One small departure: with towers=2 the paper's LRN window never crosses from one
         # GPU's maps to the other's; here it does at the one boundary (maps c/2-1, c/2).
-        self.features = nn.Sequential(
-            OrderedDict(
-                [
-                    *block(1, nn.Conv2d(3, c1, kernel, stride, padding), lrn_here=True),
-                    ("pool1", get_pool(pool)),
-                    *block(2, nn.Conv2d(c1, c2, 5, padding=2, groups=towers), lrn_here=True),
-                    ("pool2", get_pool(pool)),
-                    *block(3, nn.Conv2d(c2, c3, 3, padding=1)),
-                    *block(4, nn.Conv2d(c3, c4, 3, padding=1, groups=towers)),
-                    *block(5, nn.Conv2d(c4, c5, 3, padding=1, groups=towers)),
-                    ("pool5", get_pool(pool)),
-                ]
-            )
-        )
+        convs = [  # (index, out channels, kernel, stride, padding, groups, LRN after it)
+            (1, c1, kernel, stride, padding, 1, True),
+            (2, c2, 5, 1, 2, towers, True),
+            (3, c3, 3, 1, 1, 1, False),
+            (4, c4, 3, 1, 1, towers, False),
+            (5, c5, 3, 1, 1, towers, False),
+        ]
+        pooled = {1, 2, 5}
+        # Section 7: "removing any of the middle layers results in a loss of about 2% for
+        # the top-1 performance". ``remove_conv`` drops one of conv2..conv4 with what is
+        # its own (BN, activation, and conv2's LRN, which normalizes conv2's responses);
+        # the next conv takes the previous one's maps. pool2 stays, so later layers see
+        # the same 13x13 maps (7x7 at 32) and fc6 the same input: the arms differ in depth
+        # alone, not also in fc6's width. Every conv width is a multiple of ``towers``, so
+        # a grouped conv's new input still splits into its groups; without conv3 the two
+        # towers meet only in fc6. The others keep their names, so the bias-1 rule above
+        # still finds those of conv2, conv4 and conv5 that exist.
+        layers: list[tuple[str, nn.Module]] = []
+        in_channels = 3
+        for i, out, k, s, p, groups, lrn_here in convs:
+            if f"conv{i}" != remove_conv:
+                conv = nn.Conv2d(in_channels, out, k, s, p, groups=groups)
+                layers += conv_block(i, conv, out, activation, norm, lrn_here)
+                in_channels = out
+            if i in pooled:
+                layers.append((f"pool{i}", get_pool(pool)))
+        self.features = nn.Sequential(OrderedDict(layers))
         flat = output_shape(self.features, 3, input_size)[1:].numel()
         # Dropout sits in front of fc6 and fc7, as torchvision places it. The paper
         # (Section 4.2) drops the *outputs* of fc6 and fc7 instead, i.e. the inputs of fc7

@@ -39,6 +39,8 @@ CIFAR_INPUT_SIZE = 32
 #   fc7    4096
 #   fc8    num_classes
 #
+# ``remove_conv`` leaves out conv2, conv3 or conv4 as in alexnet.py; the sizes stay.
+#
 # At width 1 that is about 0.3 G multiply-accumulates per image (the ImageNet net: 0.7 G);
 # at width 0.125 about 6 M, a few seconds per epoch of a small dataset on a CPU.
 ALEXNET_CIFAR_STEM = (5, 1, 2)

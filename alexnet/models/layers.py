@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.config import Activation, Init, Norm, Pool
+from alexnet.config import Activation, Init, Norm, Pool, RemoveConv
 from alexnet.errors import ConfigError
 
 # The allowed values are the config's Literal types, so the factories, the run config and
@@ -23,6 +23,7 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 NORMS: tuple[str, ...] = get_args(Norm)
 POOLS: tuple[str, ...] = get_args(Pool)
 INITS: tuple[str, ...] = get_args(Init)
+REMOVABLE_CONVS: tuple[str, ...] = get_args(RemoveConv)
 
 LEAKY_SLOPE = 0.01  # PyTorch's default; the kaiming gain below uses the same value
 

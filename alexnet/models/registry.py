@@ -20,10 +20,15 @@ MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 AXIS_OPTIONS: tuple[str, ...] = tuple(f for f in ModelConfig.model_fields if f != "name")
 
 
-def _convnet4(num_classes: int, *, towers: int = 1, **axis_options: Any) -> ConvNet4:
+def _convnet4(
+    num_classes: int, *, towers: int = 1, remove_conv: str = "none", **axis_options: Any
+) -> ConvNet4:
     # The two-tower layout is an ImageNet-net idea (Section 3.2); this net has no groups.
     if towers != 1:
         raise ConfigError("towers applies to alexnet and alexnet_cifar")
+    # Section 7's depth claim is about the ImageNet net's middle conv layers.
+    if remove_conv != "none":
+        raise ConfigError("remove_conv applies to alexnet and alexnet_cifar")
     return ConvNet4(num_classes, **axis_options)
 
 
