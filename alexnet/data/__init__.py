@@ -8,7 +8,8 @@ Modules: ``loader`` (open_data, the in-memory path), ``stream`` (the DataLoader 
 ``synthetic`` / ``cifar`` / ``folder`` (sources), ``split``, ``stats``, ``augment``, ``cache``.
 """
 
-from alexnet.data.base import Data, Stats, epoch_seed
+from alexnet.data.base import Data, epoch_seed
 from alexnet.data.loader import open_data
+from alexnet.data.stats import Stats
 
 __all__ = ["Data", "Stats", "epoch_seed", "open_data"]

@@ -14,40 +14,13 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from alexnet.config import DataConfig
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Per-channel mean/std and the RGB covariance's eigen-decomposition, in [0,1] units.
-
-    ``eigvals`` are sorted largest first; ``eigvecs[:, i]`` belongs to ``eigvals[i]``
-    (columns, as in the paper's ImageNet constants).
-    """
-
-    mean: Tensor  # (3,)
-    std: Tensor  # (3,)
-    eigvals: Tensor  # (3,)
-    eigvecs: Tensor  # (3, 3)
-
-    def to(self, device: torch.device) -> Stats:
-        return Stats(*(t.to(device=device, dtype=torch.float32) for t in self.as_tuple()))
-
-    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.mean, self.std, self.eigvals, self.eigvecs
-
-    def to_dict(self) -> dict[str, Tensor]:
-        return {"mean": self.mean, "std": self.std, "eigvals": self.eigvals,
-                "eigvecs": self.eigvecs}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Tensor]) -> Stats:
-        return cls(d["mean"], d["std"], d["eigvals"], d["eigvecs"])
+from alexnet.data.augment import Augment
+from alexnet.data.stats import Stats
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -85,8 +58,6 @@ class Data(ABC):
     def __init__(self, cfg: DataConfig, device: torch.device, classes: list[str],
                  fingerprint: str, stats: Stats) -> None:
         """What both paths share: identity, statistics, and the augmentation to apply."""
-        from alexnet.data.augment import Augment  # augment imports this module
-
         self.device = device
         self.classes = list(classes)
         self.fingerprint = fingerprint

@@ -20,10 +20,10 @@ from torch import Tensor
 from alexnet.config import DataConfig
 from alexnet.data import cifar, folder, synthetic
 from alexnet.data.augment import draw_epoch, eval_batch, train_batch
-from alexnet.data.base import Data, Stats, epoch_seed
+from alexnet.data.base import Data, epoch_seed
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
-from alexnet.data.stats import compute_stats
+from alexnet.data.stats import Stats, compute_stats
 from alexnet.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

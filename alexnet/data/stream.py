@@ -23,10 +23,10 @@ from torchvision.transforms import v2
 from alexnet.config import DataConfig
 from alexnet.data import folder
 from alexnet.data.augment import Lighting, eval_batch
-from alexnet.data.base import Data, Stats, epoch_seed, steps_for
+from alexnet.data.base import Data, epoch_seed, steps_for
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
-from alexnet.data.stats import PixelMoments
+from alexnet.data.stats import PixelMoments, Stats
 from alexnet.errors import DataError
 
 log = logging.getLogger(__name__)
