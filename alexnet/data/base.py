@@ -1,12 +1,15 @@
 """The interface the training loop sees, shared by the in-memory and the streaming path.
 
-Both paths agree on three rules that make runs comparable and resumable:
+Both paths agree on four rules that make runs comparable, resumable and honest:
 
 - an epoch's randomness (shuffle, crops, flips, lighting) comes only from ``(seed, epoch)``,
   so a run resumed at epoch k replays epoch k exactly;
 - the last partial training batch is kept when it holds at least half a batch and dropped
   otherwise (see ``steps_per_epoch``);
-- evaluation crops come from the same canvas as training crops (Section 4.1).
+- evaluation crops come from the same canvas as training crops (Section 4.1);
+- validation steers training (schedule, early stop, sweeps); the test split, when there is
+  one, is read only by ``test_batches``, which the training loop calls once, on the final
+  model. Statistics (mean, std, PCA) come from the training split alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import Tensor
 from alexnet.config import DataConfig
 from alexnet.data.augment import Augment
 from alexnet.data.stats import Stats
+from alexnet.errors import ConfigError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -50,6 +54,7 @@ class Data(ABC):
     classes: list[str]
     train_size: int
     val_size: int
+    test_size: int = 0  # 0: no test split
     fingerprint: str  # short hex id of the source and its files, logged as a tag
     input_size: int  # == cfg.crop_size, what the model sees
     stats: Stats  # of the training split, on the CPU
@@ -70,7 +75,17 @@ class Data(ABC):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """A ConfigError when one training batch would be more than the whole split: every
+        "epoch" would be one smaller batch, silently a different experiment."""
+        if batch_size > self.train_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} is larger than the training split "
+                f"({self.train_size} images); use --set train.batch_size={self.train_size} "
+                "or less, or more training data (raise data.max_train or lower data.val_fraction)")
+
     def steps_per_epoch(self, batch_size: int) -> int:
+        self.check_batch_size(batch_size)
         return steps_for(self.train_size, batch_size)
 
     @abstractmethod
@@ -83,7 +98,12 @@ class Data(ABC):
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Validation images, centre crop (B,3,c,c) or ten crops (B,10,3,c,c), and labels."""
 
+    @abstractmethod
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Test images with ``eval_batches``' crops. The first call reads (decodes) them:
+        call it once, on the final model. A ValueError when ``test_size`` is 0."""
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(classes={self.num_classes}, train={self.train_size}, "
-                f"val={self.val_size}, input={self.input_size}, fingerprint={self.fingerprint},"
-                f" device={self.device})")
+                f"val={self.val_size}, test={self.test_size}, input={self.input_size}, "
+                f"fingerprint={self.fingerprint}, device={self.device})")
