@@ -30,10 +30,16 @@ class RunResult:
     epochs_to_target: int | None = None  # first epoch with training error <= target
     train_seconds: float = 0.0
     device: str = "cpu"
+    # The final model on the held-out test split, scored once; None: not measured (no test
+    # split, scoring off, or the run diverged).
+    test_loss: float | None = None
+    test_error: float | None = None
+    test_error_top5: float | None = None
 
     @property
     def final(self) -> dict[str, float]:
-        """The numbers a report reads: the last epoch's, plus best and time."""
+        """The numbers a report reads: the last epoch's, plus best, time, and the test
+        split's when measured (absent otherwise, never a placeholder)."""
         out: dict[str, float] = {"epochs_completed": float(len(self.history)),
                                  "train_seconds": self.train_seconds}
         if self.history:
@@ -46,4 +52,8 @@ class RunResult:
             )
         if self.epochs_to_target is not None:
             out["epochs_to_target"] = float(self.epochs_to_target)
+        for name in ("test_loss", "test_error", "test_error_top5"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         return out

@@ -1,7 +1,8 @@
 """Train one run: the single function the grid, the sweep and the tests all call.
 
 Read top to bottom: resolve the device, open the data, build the model, then per epoch
-train (metrics accumulate on the device), evaluate, step the schedule, checkpoint.
+train (metrics accumulate on the device), evaluate, step the schedule, checkpoint; at the
+end, score the final model on the held-out test split, once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -138,14 +139,16 @@ def score_batch(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tens
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, device: torch.device, cfg: RunConfig,
-             channels_last: bool) -> tuple[float, float, float]:
-    """Validation loss, top-1 and top-5 error. With ten crops (Section 4.1) the softmax
-    outputs of the crops are averaged before scoring."""
+             channels_last: bool, split: Literal["val", "test"] = "val"
+             ) -> tuple[float, float, float]:
+    """Validation (or test) loss, top-1 and top-5 error. With ten crops (Section 4.1) the
+    softmax outputs of the crops are averaged before scoring."""
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)
     n = 0
     k = min(5, data.num_classes)
-    for images, labels in data.eval_batches(cfg.train.eval_batch_size):
+    batches = data.test_batches if split == "test" else data.eval_batches
+    for images, labels in batches(cfg.train.eval_batch_size):
         with _autocast(device, cfg):
             probs = softmax_probs(model, images, channels_last)
         totals += score_batch(probs, labels, k)
@@ -225,8 +228,12 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
     numbers as an uninterrupted run. A NaN/inf loss ends the run with status "diverged",
     not an exception. ``on_epoch`` sees each new epoch's metrics (MLflow logging, Optuna
     pruning: an exception raised there propagates); ``on_end`` gets the trained model of a
-    run that did not diverge (its final weights are kept). ``score_test`` scores the final
-    model once on the data's held-out test split, where it has one (sweeps never do).
+    run that did not diverge (its final weights are kept).
+
+    When the data has a test split and ``score_test`` is on, the final model is scored on
+    it once, after the last epoch (or at once, when a resumed run has no epochs left);
+    a diverged run is not scored. Sweeps pass ``score_test=False``: they tune on
+    validation and must never see the test split.
     """
     device = resolve_device(cfg.runtime.device)
     if cfg.runtime.threads:
@@ -299,6 +306,11 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
                 "epochs_to_target": result.epochs_to_target,
                 "train_seconds": result.train_seconds, "rng": _rng_state(device),
                 "config": cfg.model_dump(mode="json")})
+    if score_test and data.test_size and result.status == "finished" and result.history:
+        # The only read of the test split: nothing above (schedule, early stop, the
+        # caller's on_epoch) has seen it, so it is an unbiased estimate of this model.
+        result.test_loss, result.test_error, result.test_error_top5 = evaluate(
+            step_model, data, device, cfg, channels_last, split="test")
     if on_end is not None and result.status == "finished":
         on_end(model)
     return result

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import urllib.error
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from PIL import Image
 
 from alexnet.config import DataConfig, SyntheticConfig
 from alexnet.data import Data, epoch_seed, open_data
+from alexnet.data import cifar as cifar_mod
 from alexnet.data import folder as folder_mod
 from alexnet.data.augment import Augment, centre_crop, draw_epoch, lighting_offsets
 from alexnet.data.base import steps_for
@@ -46,11 +49,13 @@ def write_images(class_dir: Path, n: int, seed: int, size=(14, 12), ext=".png") 
 
 
 def make_folder(root: Path, counts: dict[str, int], val: dict[str, int] | None = None,
-                size=(14, 12)) -> Path:
+                size=(14, 12), test: dict[str, int] | None = None) -> Path:
     for k, (name, n) in enumerate(counts.items()):
         write_images(root / "train" / name, n, seed=k, size=size)
     for k, (name, n) in enumerate((val or {}).items()):
         write_images(root / "val" / name, n, seed=100 + k, size=size)
+    for k, (name, n) in enumerate((test or {}).items()):
+        write_images(root / "test" / name, n, seed=200 + k, size=size)
     return root
 
 
@@ -283,10 +288,11 @@ def test_split_quotas_are_proportional():
 
 def test_imagefolder_uses_val_dir_when_present(tmp_path: Path):
     root = make_folder(tmp_path / "images", {"ant": 6, "bee": 6}, val={"ant": 3, "bee": 2})
-    (root / "test" / "ant").mkdir(parents=True)  # a test/ folder is never read
     data = open_data(folder_cfg(root, tmp_path, val_fraction=0.5), CPU)
-    assert (data.train_size, data.val_size) == (12, 5)
+    assert (data.train_size, data.val_size, data.test_size) == (12, 5, 0)
     assert data.val_labels.tolist() == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="no test split"):
+        data.test_batches(4)
 
 
 def test_imagefolder_errors_name_the_path(tmp_path: Path):
@@ -315,6 +321,111 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path):
     with pytest.raises(DataError, match=r"cannot read image .*train/b/bad\.jpg") as err:
         open_data(cfg(broken), CPU)
     assert "\n" not in str(err.value)
+
+
+# --- the held-out test split ---------------------------------------------------------------
+
+
+class DecodeLog:
+    """Every image file decoded, recorded on its way through the real decoder."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: list[str] = []
+        real = folder_mod.load_image
+
+        def load_image(path: str) -> torch.Tensor:
+            self.paths.append(path)
+            return real(path)
+
+        monkeypatch.setattr(folder_mod, "load_image", load_image)
+
+    def split(self, name: str) -> list[str]:
+        return [p for p in self.paths if Path(p).parts[-3] == name]  # root/<split>/<class>/f
+
+
+def with_test_split(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images", {"ant": 6, "bee": 6}, val={"ant": 2, "bee": 2},
+                       test={"ant": 3, "bee": 2})
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_test_split_is_read_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            in_memory: bool):
+    root = with_test_split(tmp_path)
+    decoded = DecodeLog(monkeypatch)
+    data = open_data(folder_cfg(root, tmp_path, in_memory=in_memory), CPU, num_workers=0)
+    assert (data.train_size, data.val_size, data.test_size) == (12, 4, 5)
+    list(data.train_batches(0, 6, seed=0))
+    list(data.eval_batches(4))
+    assert decoded.paths and decoded.split("test") == []  # counted, never opened
+    batches = list(data.test_batches(4))
+    test_files = sorted(str(p) for p in (root / "test").rglob("*.png"))
+    assert sorted(decoded.split("test")) == test_files  # each image once
+    assert [len(y) for _, y in batches] == [4, 1]
+    assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1]
+    # The validation crops: the centre of the same canvas, normalised by train's stats.
+    canvases = folder_mod.decode_all(test_files, 10)
+    torch.testing.assert_close(torch.cat([x for x, _ in batches]),
+                               normalized(centre_crop(canvases, 8), data))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_test_split_gets_the_ten_crops_of_validation(tmp_path: Path, in_memory: bool):
+    root = make_folder(tmp_path / "images", {"ant": 4, "bee": 4}, val={"ant": 2, "bee": 1})
+    shutil.copytree(root / "val", root / "test")  # the same images as val
+    cfg = folder_cfg(root, tmp_path, in_memory=in_memory, ten_crop=True)
+    data = open_data(cfg, CPU, num_workers=0)
+    (xv, yv), (xt, yt) = next(iter(data.eval_batches(3))), next(iter(data.test_batches(3)))
+    assert xt.shape == (3, 10, 3, 8, 8) and torch.equal(yt, yv) and torch.equal(xt, xv)
+
+
+def test_test_split_has_its_own_cache_and_no_part_in_the_stats(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = with_test_split(tmp_path)
+    cfg = folder_cfg(root, tmp_path)
+    decoded = DecodeLog(monkeypatch)
+    data = open_data(cfg, CPU)
+    assert not list((tmp_path / "cache").glob("*.test.pt"))  # nothing of test/ decoded yet
+    first = list(data.test_batches(5))
+    list(data.test_batches(5))
+    assert len(decoded.split("test")) == 5  # decoded once, then kept
+    assert len(list((tmp_path / "cache").glob("*.test.pt"))) == 1
+    again = list(open_data(cfg, CPU).test_batches(5))
+    assert len(decoded.split("test")) == 5  # another process: read from the cache
+    assert torch.equal(first[0][0], again[0][0])
+    # Mean, std and PCA are the training split's alone: the same once test/ is gone.
+    shutil.rmtree(root / "test")
+    without = open_data(cfg, CPU)
+    assert without.test_size == 0 and without.fingerprint != data.fingerprint
+    for a, b in zip(without.stats.as_tuple(), data.stats.as_tuple(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_imagefolder_refuses_test_classes_unlike_train_and_a_single_class(tmp_path: Path):
+    mismatched = make_folder(tmp_path / "mism", {"a": 3, "b": 3}, test={"a": 1, "c": 1})
+    with pytest.raises(DataError, match=r"classes of .*mism/test differ") as err:
+        open_data(folder_cfg(mismatched, tmp_path), CPU)
+    assert "only in test: ['c']" in str(err.value) and "remove test/" in str(err.value)
+
+    single = make_folder(tmp_path / "single", {"only": 5})
+    for in_memory in (True, False):  # one class would train to 0% error and mean nothing
+        with pytest.raises(DataError, match=r"needs at least 2 class folders in .*single/train"
+                           ) as err:
+            open_data(folder_cfg(single, tmp_path, in_memory=in_memory), CPU)
+        assert "\n" not in str(err.value)
+
+
+def test_batch_larger_than_the_training_split_is_a_config_error(tiny_folder: Path,
+                                                                tmp_path: Path):
+    memory = open_data(folder_cfg(tiny_folder, tmp_path), CPU)
+    stream = open_data(folder_cfg(tiny_folder, tmp_path, in_memory=False), CPU, num_workers=0)
+    for data in (memory, stream):
+        assert data.train_size == 24 and data.steps_per_epoch(24) == 1  # exactly one: fine
+        with pytest.raises(ConfigError, match=r"train\.batch_size=25 is larger than the "
+                           r"training split \(24 images\); use --set train\.batch_size=24"):
+            data.check_batch_size(25)
+        with pytest.raises(ConfigError, match="batch_size=25"):
+            next(iter(data.train_batches(0, 25, seed=0)))
 
 
 # --- cache -----------------------------------------------------------------------------------
@@ -404,8 +515,9 @@ def test_cifar_offline_and_absent_is_a_data_error(tmp_path: Path,
         open_data(cfg.model_copy(update={"download": False}), CPU)
 
 
-def write_fake_cifar10(root: Path, per_batch: int = 20) -> None:
-    """A CIFAR-10 release in torchvision's pickle format, tiny and random."""
+def write_fake_cifar10(root: Path, per_batch: int = 20, test: bool = True) -> None:
+    """A CIFAR-10 release in torchvision's pickle format: tiny random training batches, and
+    a test batch of the release's 10,000 images, each one grey level (25 x its label)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -416,22 +528,34 @@ def write_fake_cifar10(root: Path, per_batch: int = 20) -> None:
     names = ["airplane", "automobile", "bird", "cat", "deer",
              "dog", "frog", "horse", "ship", "truck"]
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    if test:
+        labels = np.arange(10_000) % 10
+        entry = {"data": np.repeat((25 * labels).astype(np.uint8)[:, None], 3072, axis=1),
+                 "labels": labels.tolist()}
+        (folder / "test_batch").write_bytes(pickle.dumps(entry))
 
 
-def test_cifar_release_is_decoded_split_and_cached(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture
+def fake_cifar10(monkeypatch: pytest.MonkeyPatch) -> type:
+    """torchvision's CIFAR10 without its MD5 check (the fake files have other MD5s),
+    counting the splits it reads."""
+
     class Unchecked(torchvision.datasets.CIFAR10):
         meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
-        loads = 0
+        loads: ClassVar[list[str]] = []
 
-        def _check_integrity(self) -> bool:  # the fake files have other MD5s
+        def _check_integrity(self) -> bool:
             return True
 
-        def __init__(self, *args, **kwargs):
-            type(self).loads += 1
-            super().__init__(*args, **kwargs)
+        def __init__(self, root, train=True, **kwargs):
+            type(self).loads.append("train" if train else "test")
+            super().__init__(root, train=train, **kwargs)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Unchecked)
+    return Unchecked
+
+
+def test_cifar_release_is_decoded_split_and_cached(tmp_path: Path, fake_cifar10: type):
     write_fake_cifar10(tmp_path / "cifar")
     # The extracted folder itself is accepted as well as its parent.
     cfg = DataConfig(source="cifar10", root=str(tmp_path / "cifar" / "cifar-10-batches-py"),
@@ -442,7 +566,44 @@ def test_cifar_release_is_decoded_split_and_cached(tmp_path: Path,
     assert torch.bincount(data.val_labels, minlength=10).tolist() == [1] * 10
     assert first_batch(data)[0].shape == (32, 3, 32, 32)
     again = open_data(cfg, CPU)
-    assert Unchecked.loads == 1 and again.fingerprint == data.fingerprint
+    assert fake_cifar10.loads == ["train"] and again.fingerprint == data.fingerprint
+
+
+def test_cifar_test_split_is_decoded_once_and_only_when_asked(tmp_path: Path,
+                                                              fake_cifar10: type):
+    write_fake_cifar10(tmp_path / "cifar")
+    cfg = DataConfig(source="cifar10", root=str(tmp_path / "cifar"), download=False,
+                     cache_dir=str(tmp_path / "cache"), crop_size=16, pca_lighting=False)
+    data = open_data(cfg, CPU)
+    list(data.eval_batches(500))
+    assert data.test_size == 10_000 and fake_cifar10.loads == ["train"]
+    batches = [(x[::250], y) for x, y in data.test_batches(2500)]  # 10 images a batch
+    assert fake_cifar10.loads == ["train", "test"]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert x.shape == (40, 3, 16, 16) and torch.equal(y, torch.arange(10_000) % 10)
+    grey = (25 * y[::250]).to(torch.uint8).view(-1, 1, 1, 1).expand(40, 3, 16, 16)
+    torch.testing.assert_close(x, normalized(grey, data))
+    # A second process reads the test split's own cache file, not the release.
+    next(iter(open_data(cfg, CPU).test_batches(100)))
+    assert fake_cifar10.loads == ["train", "test"]
+
+
+def test_cifar_test_file_is_part_of_the_release(tmp_path: Path):
+    root = tmp_path / "cifar"
+    write_fake_cifar10(root, test=False)
+    cfg = DataConfig(source="cifar10", root=str(root), download=False,
+                     cache_dir=str(tmp_path / "cache"))
+    # torchvision checks the release as a whole: without test_batch not even train reads.
+    with pytest.raises(DataError, match="download is off; missing: test_batch") as err:
+        open_data(cfg, CPU)
+    assert "\n" not in str(err.value)
+    write_fake_cifar10(tmp_path / "other", test=True)
+    test_batch = tmp_path / "other" / "cifar-10-batches-py" / "test_batch"
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(test_batch.read_bytes())
+    before = cifar_mod.files_key(cfg, root)
+    with open(root / "cifar-10-batches-py" / "test_batch", "ab") as f:
+        f.write(b"\0")
+    assert cifar_mod.files_key(cfg, root) != before  # the fingerprint covers the test split
 
 
 # --- streaming path --------------------------------------------------------------------------

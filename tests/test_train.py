@@ -1,11 +1,19 @@
-"""Training one run: learning, determinism, resume, divergence, 10-crop evaluation."""
+"""Training one run: learning, determinism, resume, divergence, 10-crop evaluation, and the
+held-out test split scored once at the end."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from alexnet.config import build_config
+from alexnet.data import folder as folder_mod
+from alexnet.data import open_data
+from alexnet.errors import ConfigError
 from alexnet.train import Checkpoint, evaluate, train_run
 
 TINY = {"data.synthetic.train_size": 512, "data.synthetic.val_size": 256, "train.epochs": 3,
@@ -112,7 +120,6 @@ def test_ten_crop_evaluation_scores_the_averaged_softmax():
     their mirrors, Section 4.1) of the padded canvas, computed here independently."""
     from torchvision.transforms.v2 import functional as TF
 
-    from alexnet.data import open_data
     from alexnet.data.augment import normalize
 
     base = build_config("quick", {**TINY, "train.epochs": 1})
@@ -150,3 +157,131 @@ def test_cuda_run_uses_bf16_and_matches_shapes():
     result = train_run(build_config("quick", {**TINY, "runtime.device": "cuda"}))
     assert result.status == "finished" and result.device.startswith("cuda")
     assert torch.cuda.is_available()
+
+
+# --- the held-out test split ---------------------------------------------------------------
+
+
+def image_folder(root: Path, splits: dict[str, int]) -> Path:
+    """``root/<split>/<class>/*.png``: two classes of tiny 12x12 images, one dark, one
+    bright, with noise; ``splits`` maps a split to its images per class."""
+    rng = np.random.default_rng(0)
+    for split, n in splits.items():
+        for name, level in (("dark", 70), ("bright", 180)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(level + rng.normal(0, 40, (12, 12, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def folder_run(root: Path, tmp_path: Path, **overrides):
+    return build_config("quick", {
+        "data.source": "imagefolder", "data.root": str(root),
+        "data.cache_dir": str(tmp_path / "cache"), "data.val_fraction": 0.25,
+        "train.epochs": 2, "train.batch_size": 4, "runtime.device": "cpu", **overrides})
+
+
+class Watched:
+    """What a run reads, in order: each epoch's report, each call for validation or test
+    batches, and each test image decoded (through the real decoder)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[str] = []
+        real = folder_mod.load_image
+
+        def load_image(path: str) -> torch.Tensor:
+            if Path(path).parts[-3] == "test":
+                self.events.append("decode test image")
+            return real(path)
+
+        monkeypatch.setattr(folder_mod, "load_image", load_image)
+
+    def data(self, cfg):
+        data = open_data(cfg.data, torch.device("cpu"), num_workers=0)
+        for name, event in (("eval_batches", "val"), ("test_batches", "test")):
+            def call(batch_size, real=getattr(data, name), event=event):
+                self.events.append(event)
+                return real(batch_size)
+            setattr(data, name, call)  # the real method, called through and counted
+        return data
+
+    def on_epoch(self, m) -> None:
+        self.events.append(f"epoch {m.epoch}")
+
+    def count(self, event: str) -> int:
+        return self.events.count(event)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch, in_memory):
+    root = image_folder(tmp_path / "images", {"train": 8, "test": 3})
+    cfg = folder_run(root, tmp_path, **{"data.in_memory": in_memory})
+    watched = Watched(monkeypatch)
+    result = train_run(cfg, data=watched.data(cfg), on_epoch=watched.on_epoch)
+    events = watched.events
+    last_epoch = events.index("epoch 2")
+    assert events[last_epoch - 1] == "val" and watched.count("val") == 2
+    # Nothing of test/ before the last epoch's validation and report; then one read.
+    assert events[last_epoch + 1:] == ["test"] + ["decode test image"] * 6
+    assert 0.0 <= result.test_error <= 1.0 and result.test_loss > 0
+    assert result.test_error_top5 == 0.0  # two classes: the true one is always in the top 5
+    final = result.final
+    assert (final["test_error"], final["test_loss"]) == (result.test_error, result.test_loss)
+
+
+def test_score_test_off_reads_nothing_of_the_test_split(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "images", {"train": 8, "test": 3})
+    cfg = folder_run(root, tmp_path)
+    watched = Watched(monkeypatch)
+    result = train_run(cfg, data=watched.data(cfg), on_epoch=watched.on_epoch,
+                       score_test=False)
+    assert result.status == "finished" and len(result.history) == 2
+    assert watched.count("test") == watched.count("decode test image") == 0
+    assert result.test_error is None and not any(k.startswith("test_") for k in result.final)
+
+
+def test_a_folder_without_test_gives_no_test_metrics(tmp_path):
+    root = image_folder(tmp_path / "images", {"train": 8, "val": 2})
+    result = train_run(folder_run(root, tmp_path))
+    assert result.status == "finished" and result.history[-1].val_error >= 0.0
+    assert result.test_error is None and not any(k.startswith("test_") for k in result.final)
+
+
+def test_early_stop_and_resume_with_no_epochs_left_score_the_final_model(tmp_path,
+                                                                         monkeypatch):
+    root = image_folder(tmp_path / "images", {"train": 8, "test": 3})
+    cfg = folder_run(root, tmp_path, **{"train.epochs": 4, "train.target_train_error": 0.99,
+                                        "train.stop_at_target": True})
+    ckpt = Checkpoint(tmp_path / "cell.pt")
+    watched = Watched(monkeypatch)
+    stopped = train_run(cfg, data=watched.data(cfg), on_epoch=watched.on_epoch,
+                        checkpoint=ckpt)
+    assert len(stopped.history) == stopped.epochs_to_target == 1  # stopped at its target
+    assert watched.events[-8:] == ["epoch 1", "test"] + ["decode test image"] * 6
+    assert stopped.test_error is not None
+    # Killed after its last checkpoint, before it was logged: the resumed run has no epoch
+    # left to train, and scores the same final model to the same numbers.
+    watched.events.clear()
+    resumed = train_run(cfg, data=watched.data(cfg), on_epoch=watched.on_epoch,
+                        checkpoint=ckpt)
+    assert watched.events[0] == "test" and watched.count("epoch 2") == 0
+    assert (resumed.test_loss, resumed.test_error) == (stopped.test_loss, stopped.test_error)
+
+
+def test_a_diverged_run_is_not_scored_on_the_test_split(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "images", {"train": 8, "test": 3})
+    cfg = folder_run(root, tmp_path, **{"optim.lr": 1e6, "model.init": "paper"})
+    watched = Watched(monkeypatch)
+    result = train_run(cfg, data=watched.data(cfg))
+    assert result.status == "diverged"
+    assert watched.count("test") == 0 and "test_error" not in result.final
+
+
+def test_a_batch_larger_than_the_training_split_stops_before_training():
+    cfg = build_config("quick", {**TINY, "data.synthetic.train_size": 24,
+                                 "train.batch_size": 32})
+    seen = []
+    with pytest.raises(ConfigError, match=r"batch_size=32 .*\(24 images\).*batch_size=24"):
+        train_run(cfg, on_epoch=seen.append)
+    assert seen == []

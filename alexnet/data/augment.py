@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alexnet.config import DataConfig
-from alexnet.data.base import Stats
+from alexnet.data.stats import Stats
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """The interface the training loop sees, shared by the in-memory and the streaming path.
 
-Both paths agree on three rules that make runs comparable and resumable:
+Both paths agree on four rules that make runs comparable, resumable and honest:
 
 - an epoch's randomness (shuffle, crops, flips, lighting) comes only from ``(seed, epoch)``,
   so a run resumed at epoch k replays epoch k exactly;
 - the last partial training batch is kept when it holds at least half a batch and dropped
   otherwise (see ``steps_per_epoch``);
-- evaluation crops come from the same canvas as training crops (Section 4.1).
+- evaluation crops come from the same canvas as training crops (Section 4.1);
+- validation steers training (schedule, early stop, sweeps); the test split, when there is
+  one, is read only by ``test_batches``, which the training loop calls once, on the final
+  model. Statistics (mean, std, PCA) come from the training split alone.
 """
 
 from __future__ import annotations
@@ -14,40 +17,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from alexnet.config import DataConfig
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Per-channel mean/std and the RGB covariance's eigen-decomposition, in [0,1] units.
-
-    ``eigvals`` are sorted largest first; ``eigvecs[:, i]`` belongs to ``eigvals[i]``
-    (columns, as in the paper's ImageNet constants).
-    """
-
-    mean: Tensor  # (3,)
-    std: Tensor  # (3,)
-    eigvals: Tensor  # (3,)
-    eigvecs: Tensor  # (3, 3)
-
-    def to(self, device: torch.device) -> Stats:
-        return Stats(*(t.to(device=device, dtype=torch.float32) for t in self.as_tuple()))
-
-    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.mean, self.std, self.eigvals, self.eigvecs
-
-    def to_dict(self) -> dict[str, Tensor]:
-        return {"mean": self.mean, "std": self.std, "eigvals": self.eigvals,
-                "eigvecs": self.eigvecs}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Tensor]) -> Stats:
-        return cls(d["mean"], d["std"], d["eigvals"], d["eigvecs"])
+from alexnet.data.augment import Augment
+from alexnet.data.stats import Stats
+from alexnet.errors import ConfigError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -77,6 +54,7 @@ class Data(ABC):
     classes: list[str]
     train_size: int
     val_size: int
+    test_size: int = 0  # 0: no test split
     fingerprint: str  # short hex id of the source and its files, logged as a tag
     input_size: int  # == cfg.crop_size, what the model sees
     stats: Stats  # of the training split, on the CPU
@@ -85,8 +63,6 @@ class Data(ABC):
     def __init__(self, cfg: DataConfig, device: torch.device, classes: list[str],
                  fingerprint: str, stats: Stats) -> None:
         """What both paths share: identity, statistics, and the augmentation to apply."""
-        from alexnet.data.augment import Augment  # augment imports this module
-
         self.device = device
         self.classes = list(classes)
         self.fingerprint = fingerprint
@@ -99,7 +75,17 @@ class Data(ABC):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """A ConfigError when one training batch would be more than the whole split: every
+        "epoch" would be one smaller batch, silently a different experiment."""
+        if batch_size > self.train_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} is larger than the training split "
+                f"({self.train_size} images); use --set train.batch_size={self.train_size} "
+                "or less, or more training data (raise data.max_train or lower data.val_fraction)")
+
     def steps_per_epoch(self, batch_size: int) -> int:
+        self.check_batch_size(batch_size)
         return steps_for(self.train_size, batch_size)
 
     @abstractmethod
@@ -112,7 +98,12 @@ class Data(ABC):
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Validation images, centre crop (B,3,c,c) or ten crops (B,10,3,c,c), and labels."""
 
+    @abstractmethod
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Test images with ``eval_batches``' crops. The first call reads (decodes) them:
+        call it once, on the final model. A ValueError when ``test_size`` is 0."""
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(classes={self.num_classes}, train={self.train_size}, "
-                f"val={self.val_size}, input={self.input_size}, fingerprint={self.fingerprint},"
-                f" device={self.device})")
+                f"val={self.val_size}, test={self.test_size}, input={self.input_size}, "
+                f"fingerprint={self.fingerprint}, device={self.device})")

@@ -1,6 +1,7 @@
-"""CIFAR-10/100 through torchvision: its python-pickle release, training split only.
+"""CIFAR-10/100 through torchvision: its python-pickle release.
 
-The validation split is carved from train (``loader``); the test split is never read.
+The validation split is carved from train (``loader``). The test split is decoded only when
+the final model is scored on it, once, at the end of a run.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 from urllib.error import URLError
 
 import torch
@@ -19,39 +21,51 @@ from alexnet.data.cache import cache_dir, first_line
 from alexnet.data.folder import to_canvas
 from alexnet.errors import DataError
 
-# source -> (torchvision class name, the folder its archive extracts to, the files the
-# training split is read from: torchvision's train_list and meta)
+
+class Release(NamedTuple):
+    dataset: str  # torchvision's class name
+    folder: str  # the folder its archive extracts to
+    train_files: list[str]  # torchvision's train_list and meta
+    test_file: str  # torchvision's test_list
+    test_size: int  # images in the test split, as published (and MD5-checked by torchvision)
+
+
 RELEASES = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]),
-    "cifar100": ("CIFAR100", "cifar-100-python", ["train", "meta"]),
+    "cifar10": Release("CIFAR10", "cifar-10-batches-py",
+                       [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"],
+                       "test_batch", 10_000),
+    "cifar100": Release("CIFAR100", "cifar-100-python", ["train", "meta"], "test", 10_000),
 }
 
 
 def root_of(cfg: DataConfig) -> Path:
     """Where the extracted folder's parent is; the folder itself is accepted too."""
-    folder = RELEASES[cfg.source][1]
+    folder = RELEASES[cfg.source].folder
     root = Path(cfg.root).expanduser() if cfg.root else cache_dir(cfg) / "cifar"
     return root.parent if root.name == folder else root
 
 
 def dataset_class(source: str) -> type:
     # Looked up at call time, so tests can stand in a fake for torchvision's class.
-    return getattr(torchvision.datasets, RELEASES[source][0])
+    return getattr(torchvision.datasets, RELEASES[source].dataset)
 
 
 def release_files(source: str, root: Path) -> list[Path]:
-    _, folder, names = RELEASES[source]
-    return [root / folder / name for name in names]
+    """Every file of the release. The test file is one of them: torchvision checks the
+    release as a whole, so a copy without it cannot be read at all, not even its train."""
+    release = RELEASES[source]
+    return [root / release.folder / name
+            for name in (*release.train_files, release.test_file)]
 
 
 def ensure_present(cfg: DataConfig, root: Path) -> None:
     """Download and extract when the release is absent; a DataError when that fails."""
-    if all(p.is_file() for p in release_files(cfg.source, root)):
+    missing = [p.name for p in release_files(cfg.source, root) if not p.is_file()]
+    if not missing:
         return
-    name, folder, _ = RELEASES[cfg.source]
+    name, folder = RELEASES[cfg.source].dataset, RELEASES[cfg.source].folder
     if not cfg.download:
-        reason = "download is off"
+        reason = f"download is off; missing: {', '.join(missing[:3])}"
     else:
         try:
             dataset_class(cfg.source)(str(root), train=True, download=True)
@@ -78,13 +92,19 @@ def files_key(cfg: DataConfig, root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def decode(cfg: DataConfig, root: Path) -> dict[str, Tensor | list[str]]:
+def decode(cfg: DataConfig, root: Path, *, train: bool = True) -> dict[str, Tensor | list[str]]:
+    """The training split, or with ``train=False`` the test split, as uint8 canvases."""
+    release = RELEASES[cfg.source]
+    folder = root / release.folder
     try:
-        ds = dataset_class(cfg.source)(str(root), train=True, download=False)
+        ds = dataset_class(cfg.source)(str(root), train=train, download=False)
     except (RuntimeError, OSError, EOFError) as err:
-        folder = root / RELEASES[cfg.source][1]
         raise DataError(f"{cfg.source}: cannot read {folder} ({first_line(err)}); delete it "
                         "to download again, or pass --data-root with a good copy") from None
+    if not train and len(ds.data) != release.test_size:
+        raise DataError(f"{cfg.source}: {folder / release.test_file} holds {len(ds.data)} "
+                        f"images, not the release's {release.test_size}; delete {folder} to "
+                        "download again, or pass --data-root with a good copy")
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     if cfg.image_size != images.shape[-1]:
         images = torch.cat([to_canvas(c, cfg.image_size) for c in images.split(1024)])

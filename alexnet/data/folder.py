@@ -1,7 +1,10 @@
-"""An image folder: ``root/train/<class>/...`` with an optional ``root/val/<class>/...``.
+"""An image folder: ``root/train/<class>/...``, an optional ``root/val/<class>/...`` and an
+optional ``root/test/<class>/...``.
 
-A ``test/`` folder is never read: the project carves its validation split from train when
-there is no ``val/``, and never tunes on anything called a test set.
+Validation comes from ``val/``, or is carved from train when there is none; it steers
+schedules, early stops and sweeps. ``test/`` is the held-out split: it is listed when the
+folder is opened (so a mismatch fails before training), but its images are decoded only
+when the final model is scored on it, once, at the end of a run.
 
 Files are listed in torchvision ``ImageFolder``'s order (classes sorted, then a sorted
 walk), so the in-memory and the streaming path index the same images the same way.
@@ -25,7 +28,9 @@ from torchvision.transforms.v2 import functional as TF
 from alexnet.data.cache import first_line
 from alexnet.errors import DataError
 
-HINT = "pass --data-root with a folder holding train/<class>/<image> (and optionally val/)"
+HINT = ("pass --data-root with a folder holding train/<class>/<image> (and optionally val/ "
+        "and test/)")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,15 @@ class Listing:
     classes: list[str]
     train: list[tuple[str, int]]  # (path, class index), ImageFolder order
     val: list[tuple[str, int]] | None  # from val/, or None: carve from train
+    test: list[tuple[str, int]] | None  # from test/, or None: no test split
 
     def key(self, image_size: int) -> str:
-        """Hash of every file's relative path, size and mtime: any change means stale."""
+        """Hash of every file's relative path, size and mtime: any change means stale.
+
+        A folder without test/ keeps the key it had before test/ was read at all."""
         h = hashlib.sha256(f"imagefolder/{image_size}/{self.classes}".encode())
-        for part, samples in (("train", self.train), ("val", self.val or [])):
+        for part, samples in zip(SPLITS, (self.train, self.val or [], self.test or []),
+                                 strict=True):
             for path, label in samples:
                 st = os.stat(path)
                 rel = os.path.relpath(path, self.root)
@@ -56,20 +65,33 @@ def scan(root: str | Path | None) -> Listing:
     if not train_dir.is_dir():
         raise DataError(f"imagefolder: no train/ folder in {root}; {HINT}")
     classes = class_names(train_dir)
+    if len(classes) < 2:
+        # One class trains to 0% error and says nothing: refuse it rather than report it.
+        raise DataError(f"imagefolder: needs at least 2 class folders in {train_dir}, found "
+                        f"{len(classes)} ({classes[0]!r}); add a folder per class")
     train = list_images(train_dir, classes)
-    val = None
-    val_dir = root / "val"
-    if val_dir.is_dir():
-        val_classes = class_names(val_dir)
-        if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(classes))
-            raise DataError(
-                f"imagefolder: the classes of {val_dir} differ from those of {train_dir} "
-                f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}); "
-                "give val/ the same class folders, or remove val/ to carve it from train")
-        val = list_images(val_dir, classes)
-    return Listing(root, classes, train, val)
+    val, test = (other_split(root / name, train_dir, classes) for name in SPLITS[1:])
+    return Listing(root, classes, train, val, test)
+
+
+def other_split(split_dir: Path, train_dir: Path, classes: list[str]
+                ) -> list[tuple[str, int]] | None:
+    """The images of val/ or test/, None when the folder is absent; its class folders must
+    be train/'s, or labels would mean other classes."""
+    if not split_dir.is_dir():
+        return None
+    found = class_names(split_dir)
+    if found != classes:
+        only_train = sorted(set(classes) - set(found))
+        only_here = sorted(set(found) - set(classes))
+        name = split_dir.name
+        fix = ("remove val/ to carve it from train" if name == "val"
+               else "remove test/ to train without a test split")
+        raise DataError(
+            f"imagefolder: the classes of {split_dir} differ from those of {train_dir} "
+            f"(only in train: {only_train[:5]}, only in {name}: {only_here[:5]}); "
+            f"give {name}/ the same class folders, or {fix}")
+    return list_images(split_dir, classes)
 
 
 def class_names(split_dir: Path) -> list[str]:

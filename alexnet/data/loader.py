@@ -3,6 +3,9 @@
 The whole training split lives on the training device as one uint8 tensor (airbench's
 design): an epoch is a permutation, and every batch is an index, a gather and a
 multiply-add on that device; the host never waits on a tensor value.
+
+The test split is not decoded here: ``TensorData.test_batches`` decodes it (into a cache
+file of its own, beside the training split's) the first time the final model is scored.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ from torch import Tensor
 from alexnet.config import DataConfig
 from alexnet.data import cifar, folder, synthetic
 from alexnet.data.augment import draw_epoch, eval_batch, train_batch
-from alexnet.data.base import Data, Stats, epoch_seed
+from alexnet.data.base import Data, epoch_seed
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
-from alexnet.data.stats import compute_stats
+from alexnet.data.stats import Stats, compute_stats
 from alexnet.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
 T = TypeVar("T")
+
+
+TestLoader = Callable[[], tuple[Tensor, Tensor]]  # () -> uint8 images (N,3,S,S), labels
 
 
 @dataclass
@@ -41,8 +47,10 @@ class Decoded:
     classes: list[str]
     val_images: Tensor | None
     val_labels: Tensor | None
-    fingerprint: str
+    fingerprint: str  # covers the test split's files too
     cache_file: Path | None  # stats are cached beside it; None: not cached (synthetic)
+    test_size: int = 0  # images in the test split; 0: none
+    load_test: TestLoader | None = None  # decodes the test split; called at most once
 
 
 def open_data(cfg: DataConfig, device: torch.device | str, num_workers: int = 4) -> Data:
@@ -73,7 +81,7 @@ def open_data(cfg: DataConfig, device: torch.device | str, num_workers: int = 4)
     train_images, train_labels = src.images[train_idx], src.labels[train_idx]
     stats = split_stats(cfg, src, train_images)
     data = TensorData(cfg, device, train_images, train_labels, val_images, val_labels,
-                      src.classes, src.fingerprint, stats)
+                      src.classes, src.fingerprint, stats, src.test_size, src.load_test)
     log.info("data ready in %.1f s: %r", time.perf_counter() - started, data)
     return data
 
@@ -111,8 +119,15 @@ def decode_cifar(cfg: DataConfig) -> Decoded:
     path = cache_file(cfg, str(root.resolve()))
     payload = cached(path, key, lambda: timed(f"decoding {cfg.source} from {root}",
                                               lambda: cifar.decode(cfg, root)))
+
+    def load_test() -> tuple[Tensor, Tensor]:
+        test = cached(test_cache_file(path), key, lambda: timed(
+            f"decoding the {cfg.source} test split (once)",
+            lambda: cifar.decode(cfg, root, train=False)))
+        return test["images"], test["labels"]
+
     return Decoded(payload["images"], payload["labels"], payload["classes"], None, None,
-                   key, path)
+                   key, path, cifar.RELEASES[cfg.source].test_size, load_test)
 
 
 def decode_folder(cfg: DataConfig) -> Decoded:
@@ -132,8 +147,18 @@ def decode_folder(cfg: DataConfig) -> Decoded:
     n = len(listing.train) + len(listing.val or [])
     payload = cached(path, key, lambda: timed(
         f"decoding {n:,} images from {listing.root} (once; cached in {path})", build))
+    test = listing.test or []
+
+    def load_test() -> tuple[Tensor, Tensor]:
+        out = cached(test_cache_file(path), key, lambda: timed(
+            f"decoding the {len(test):,} test images of {listing.root} (once)",
+            lambda: {"images": folder.decode_all([p for p, _ in test], cfg.image_size),
+                     "labels": labels_of(test)}))
+        return out["images"], out["labels"]
+
     return Decoded(payload["images"], payload["labels"], payload["classes"],
-                   payload.get("val_images"), payload.get("val_labels"), key, path)
+                   payload.get("val_images"), payload.get("val_labels"), key, path,
+                   len(test), load_test if test else None)
 
 
 def labels_of(samples: list[tuple[str, int]]) -> Tensor:
@@ -143,6 +168,11 @@ def labels_of(samples: list[tuple[str, int]]) -> Tensor:
 def cache_file(cfg: DataConfig, location: str) -> Path:
     """One file per (source, location, image size); the key of its files is inside."""
     return cache_dir(cfg) / f"{cfg.source}-{digest(location, cfg.image_size)}.pt"
+
+
+def test_cache_file(train_cache: Path) -> Path:
+    """The test split's own file: decoded lazily, so never inside the training split's."""
+    return train_cache.with_name(f"{train_cache.stem}.test.pt")
 
 
 def split_stats(cfg: DataConfig, src: Decoded, train_images: Tensor) -> Stats:
@@ -169,7 +199,8 @@ class TensorData(Data):
 
     def __init__(self, cfg: DataConfig, device: torch.device, train_images: Tensor,
                  train_labels: Tensor, val_images: Tensor, val_labels: Tensor,
-                 classes: list[str], fingerprint: str, stats: Stats) -> None:
+                 classes: list[str], fingerprint: str, stats: Stats, test_size: int = 0,
+                 load_test: TestLoader | None = None) -> None:
         super().__init__(cfg, device, classes, fingerprint, stats)
         self.train_images = train_images.to(device)
         self.train_labels = train_labels.to(device)
@@ -177,6 +208,9 @@ class TensorData(Data):
         self.val_labels = val_labels.to(device)
         self.train_size = int(train_labels.numel())
         self.val_size = int(val_labels.numel())
+        self.test_size = test_size if load_test is not None else 0
+        self._load_test = load_test
+        self._test: tuple[Tensor, Tensor] | None = None  # decoded on first use, then kept
         self._stats = stats.to(device)
 
     def train_batches(
@@ -196,6 +230,18 @@ class TensorData(Data):
             yield x, self.train_labels[idx]
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for a in range(0, self.val_size, batch_size):
-            x, y = self.val_images[a:a + batch_size], self.val_labels[a:a + batch_size]
+        return self._crops(self.val_images, self.val_labels, batch_size)
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._load_test is None:
+            raise ValueError(f"{self!r} has no test split (test_size is 0)")
+        if self._test is None:
+            images, labels = self._load_test()
+            self._test = images.to(self.device), labels.to(self.device)
+        return self._crops(*self._test, batch_size)
+
+    def _crops(self, images: Tensor, labels: Tensor, batch_size: int
+               ) -> Iterator[tuple[Tensor, Tensor]]:
+        for a in range(0, labels.numel(), batch_size):
+            x, y = images[a:a + batch_size], labels[a:a + batch_size]
             yield eval_batch(x, self.aug, self._stats, self.ten_crop), y

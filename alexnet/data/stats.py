@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from alexnet.data.base import Stats
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-channel mean/std and the RGB covariance's eigen-decomposition, in [0,1] units.
+
+    ``eigvals`` are sorted largest first; ``eigvecs[:, i]`` belongs to ``eigvals[i]``
+    (columns, as in the paper's ImageNet constants).
+    """
+
+    mean: Tensor  # (3,)
+    std: Tensor  # (3,)
+    eigvals: Tensor  # (3,)
+    eigvecs: Tensor  # (3, 3)
+
+    def to(self, device: torch.device) -> Stats:
+        return Stats(*(t.to(device=device, dtype=torch.float32) for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.mean, self.std, self.eigvals, self.eigvecs
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "std": self.std, "eigvals": self.eigvals,
+                "eigvecs": self.eigvecs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Tensor]) -> Stats:
+        return cls(d["mean"], d["std"], d["eigvals"], d["eigvecs"])
 
 
 class PixelMoments:

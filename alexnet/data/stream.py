@@ -3,8 +3,8 @@
 torchvision ``ImageFolder`` + per-image transforms in ``DataLoader`` workers, with the
 in-memory path's rules: the same split, the same crop/flip/lighting scheme, a shuffle and
 augmentation that depend on (seed, epoch) alone, the same tail-batch rule, and evaluation
-crops made on the device by the same code. Not the default (DESIGN.md: small datasets live
-on the device).
+crops made on the device by the same code. A ``test/`` folder becomes the test split, read
+only by ``test_batches``. Not the default (DESIGN.md: small datasets live on the device).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torchvision.transforms import v2
 from alexnet.config import DataConfig
 from alexnet.data import folder
 from alexnet.data.augment import Lighting, eval_batch
-from alexnet.data.base import Data, Stats, epoch_seed, steps_for
+from alexnet.data.base import Data, epoch_seed, steps_for
 from alexnet.data.cache import cache_dir, cached, digest
 from alexnet.data.split import carve_val, subset
-from alexnet.data.stats import PixelMoments
+from alexnet.data.stats import PixelMoments, Stats
 from alexnet.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,11 @@ def open_stream(cfg: DataConfig, device: torch.device, num_workers: int = 4) -> 
                                            listing.train, canvas), val_idx.tolist())
     else:
         val = ListedFolder(listing.root / "val", listing.classes, listing.val, canvas)
+    # Listed, not read: ListedFolder opens an image only when a batch asks for it.
+    test = (None if listing.test is None else
+            ListedFolder(listing.root / "test", listing.classes, listing.test, canvas))
     return StreamData(cfg, device, num_workers, train, train_idx.tolist(), val,
-                      listing.classes, key, stats)
+                      listing.classes, key, stats, test)
 
 
 def stream_stats(cfg: DataConfig, listing: folder.Listing, train_idx: Tensor,
@@ -174,12 +177,14 @@ def worker_error(err: DataError) -> DataError:
 class StreamData(Data):
     def __init__(self, cfg: DataConfig, device: torch.device, num_workers: int,
                  train: Dataset, train_indices: list[int], val: Dataset, classes: list[str],
-                 fingerprint: str, stats: Stats) -> None:
+                 fingerprint: str, stats: Stats, test: Dataset | None = None) -> None:
         super().__init__(cfg, device, classes, fingerprint, stats)
         self.num_workers = num_workers
         self.train, self.train_indices, self.val = Seeded(train), train_indices, val
+        self.test = test
         self.train_size = len(train_indices)
         self.val_size = len(val)  # type: ignore[arg-type]
+        self.test_size = 0 if test is None else len(test)  # type: ignore[arg-type]
         self._stats = stats.to(device)
         self._loader = functools.partial(
             DataLoader, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -187,6 +192,7 @@ class StreamData(Data):
     def train_batches(
         self, epoch: int, batch_size: int, seed: int
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        self.check_batch_size(batch_size)
         order = EpochOrder(self.train_indices, batch_size, seed, epoch)
         try:
             for x, y in self._loader(self.train, batch_sampler=order):
@@ -195,8 +201,16 @@ class StreamData(Data):
             raise worker_error(err) from None
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._crops(self.val, batch_size)
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.test is None:
+            raise ValueError(f"{self!r} has no test split (test_size is 0)")
+        return self._crops(self.test, batch_size)
+
+    def _crops(self, canvases: Dataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         try:
-            for x, y in self._loader(self.val, batch_size=batch_size):
+            for x, y in self._loader(canvases, batch_size=batch_size):
                 x = x.to(self.device, non_blocking=True)
                 yield (eval_batch(x, self.aug, self._stats, self.ten_crop),
                        y.to(self.device, non_blocking=True))
