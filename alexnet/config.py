@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alexnet.errors import ConfigError
+from alexnet.safe_yaml import SyntaxProblem, brief, load_yaml
 
 # Bump when the meaning of an existing field changes, so that old cell keys stop matching.
 CONFIG_SCHEMA_VERSION = 1
@@ -29,7 +31,9 @@ Source = Literal["synthetic", "cifar10", "cifar100", "imagefolder"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan anywhere: a non-finite lr or dropout is a typo, and the cell key is
+    # strict JSON, which cannot hold one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -44,13 +48,30 @@ class ModelConfig(_Section):
     remove_conv: RemoveConv = "none"  # drop one middle conv layer (Section 7's depth claim)
 
 
+# Upper bounds where a larger number can only be a typo (an extra zero that would fill the
+# memory or run for months), each far above what the paper or any profile uses.
+MAX_EPOCHS = 10_000  # the paper trains about 90
+MAX_BATCH = 65_536  # the paper uses 128
+MAX_SYNTHETIC_IMAGES = 1_000_000  # CIFAR-10 has 50,000 training images
+MAX_SYNTHETIC_GIB = 8  # the generated uint8 images, held in memory
+
+
 class SyntheticConfig(_Section):
     seed: int = 0  # the generated images depend on this alone, not on the run's seed
     num_classes: int = Field(10, ge=2, le=1000)
-    train_size: int = Field(2000, ge=10)
-    val_size: int = Field(500, ge=10)
+    train_size: int = Field(2000, ge=10, le=MAX_SYNTHETIC_IMAGES)
+    val_size: int = Field(500, ge=10, le=MAX_SYNTHETIC_IMAGES)
     image_size: int = Field(32, ge=8, le=256)
     noise: float = Field(0.35, ge=0.0)  # larger = harder to separate
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticConfig:
+        gib = (self.train_size + self.val_size) * 3 * self.image_size**2 / 2**30
+        if gib > MAX_SYNTHETIC_GIB:
+            raise ValueError(f"train_size + val_size images of 3x{self.image_size}x"
+                             f"{self.image_size} take {gib:.1f} GiB; the limit is "
+                             f"{MAX_SYNTHETIC_GIB} GiB: fewer images or a smaller image_size")
+        return self
 
 
 class DataConfig(_Section):
@@ -94,9 +115,9 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(90, ge=1)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(500, ge=1)
+    epochs: int = Field(90, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     target_train_error: float = Field(0.25, gt=0.0, lt=1.0)  # Figure 1's line
     stop_at_target: bool = False  # end the run once training error reaches the target
 
@@ -233,9 +254,35 @@ def suggest_key(key: str) -> str:
     return f"valid keys start with {starts} or are 'seed'"
 
 
+@functools.cache
+def _valid_key_set() -> frozenset[str]:
+    return frozenset(valid_keys())  # built once: every override of every cell is checked
+
+
 def check_key(key: str, where: str) -> None:
-    if key not in valid_keys():
-        raise ConfigError(f"{where}: unknown key '{key}'; {suggest_key(key)}")
+    if key not in _valid_key_set():
+        raise ConfigError(f"{where}: unknown key {brief(key)}; {suggest_key(key)}")
+
+
+def validate_override(key: str, value: Any, where: str) -> Any:
+    """One dotted override checked on its own, so that its error names where it was given
+    (a file's line, ``--set``) rather than the cell it ends up in. Returns the value as
+    the config holds it ("0.5" -> 0.5). Checks that need several keys at once are left to
+    ``build_config``."""
+    check_key(key, where)
+    try:
+        cfg = RunConfig.model_validate(unflatten({key: value}))
+    except ValidationError as err:
+        mine = [e for e in err.errors()
+                if f'{".".join(map(str, e["loc"]))}.'.startswith(f"{key}.")]
+        if mine:
+            raise ConfigError(f"{where}: {key}: {mine[0]['msg']} (got {brief(value)})"
+                              ) from None
+        return value
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def apply_overrides(
@@ -265,7 +312,7 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     key = ".".join(str(p) for p in first["loc"])
     got = first.get("input")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}: {key}: {first['msg']} (got {got!r}){more}"
+    return f"{where}: {key}: {first['msg']} (got {brief(got)}){more}"
 
 
 def build_config(
@@ -284,18 +331,21 @@ def build_config(
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs; values are read as YAML scalars (0.1, true, tanh, null)."""
-    import yaml
-
+    """``--set key=value`` pairs; values are read as YAML scalars (0.1, true, tanh, null)
+    and each is validated here, before anything opens a store."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.02")
+            raise ConfigError(f"--set {brief(item)}: expected key=value, e.g. "
+                              "--set optim.lr=0.02")
         key = key.strip()
         check_key(key, "--set")
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice; give each key once")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            out[key] = raw
+            value = load_yaml(raw, f"--set {key}") if raw.strip() else None
+        except SyntaxProblem:
+            value = raw  # not YAML: a plain string, such as a path with a colon in it
+        out[key] = validate_override(key, value, "--set")
     return out

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,184 @@ def test_parse_set_reads_yaml_scalars_and_rejects_unknown_keys():
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="train.epochs"):
         build_config("quick", {"train.epochs": "many"})
+
+
+# --- inputs that must never hang, construct anything or print more than one line --------
+
+def alias_bomb(levels: int = 9) -> str:
+    """Ten lines whose aliases stand for 9**levels strings (a 'billion laughs')."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\nname: bomb\ntitle: t\nseeds: *l{levels}\n"
+
+
+def test_alias_bomb_is_refused_fast_with_one_short_line(tmp_path):
+    path = write(tmp_path, alias_bomb())
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_ablation(str(path))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"took {elapsed:.1f} s"  # the failure mode is a hang; 2 s is generous
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 250
+    assert "lol" not in message  # nothing of the expanded input is echoed
+    assert "more than 10,000 values" in message and str(path) in message
+
+
+BAD_INPUT = {
+    "recursive_alias": ("x: &x [*x]\n", "refers to the node that contains it"),
+    "deep_nesting": ("description: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 16"),
+    "python_tag": ("description: !!python/object/apply:os.system [echo hi]\n",
+                   "tag '!!python/object/apply:os.system' is not allowed"),
+    "explicit_int_tag": ("seeds: [!!int abc]\n", "tag '!!int' is not allowed"),
+    "huge_integer": ("seeds: [" + "9" * 5000 + "]\n", "cannot read '999"),
+    "two_documents": ("seeds: [0]\n---\nseeds: [1]\n", "YAML syntax error"),
+    "complex_key": ("? [a, b]\n: 1\n", "a key is a list or mapping"),
+    "key_with_newline": ('"seeds\\nx": [1]\n', r"key 'seeds\nx' is not a name"),
+    "duplicate_top_key": ("seeds: [0]\nseeds: [1]\n", "duplicate key 'seeds'"),
+    "nul_character": ("description: a\0b\n", "character #x0000"),
+    "inf_in_arm": ("axes: {a: {x: {optim.lr: .inf}}}\n", "optim.lr: Input should be a finite"),
+    "nan_in_base": ("base: {profile: quick, set: {model.dropout: .nan}}\naxes: {a: {x: {}}}\n",
+                    "model.dropout: Input should be a finite number"),
+    "list_for_a_number": ("axes: {a: {x: {optim.lr: [0.1, 0.2]}}}\n", "valid number"),
+    "falsy_arm": ("axes: {a: {x: 0}}\n", "axes.a.x: Input should be a valid dictionary"),
+    "epochs_too_many": ("axes: {a: {x: {train.epochs: 1000000}}}\n",
+                        "train.epochs: Input should be less than or equal to 10000"),
+    "batch_too_large": ("axes: {a: {x: {train.batch_size: 10000000}}}\n",
+                        "train.batch_size: Input should be less than or equal to 65536"),
+    "synthetic_too_large": ("axes: {a: {x: {data.synthetic.train_size: 100000000}}}\n",
+                            "data.synthetic.train_size: Input should be less than or equal"),
+    "synthetic_too_much_memory": (
+        "axes: {a: {x: {data.synthetic.train_size: 500000, data.synthetic.image_size: 256}}}\n",
+        "the limit is 8 GiB"),
+    "seed_twice": ("axes: {a: {x: {}}}\nseeds: [0, 0]\n", "seed 0 is given twice"),
+    "seed_too_large": ("axes: {a: {x: {}}}\nseeds: [99999999999999999999]\n",
+                       "less than or equal to 4294967295"),
+    "axis_name": ("axes: {'a=b': {x: {}}}\n", "axis name 'a=b' may hold only"),
+    "arm_name": ("axes: {a: {'x,y': {}}}\n", "arm name 'x,y' may hold only"),
+    "ablation_name": ("name: ../../elsewhere\ntitle: t\naxes: {a: {x: {}}}\n", "ablation name"),
+    "too_many_cells": ("axes:\n" + "".join(f"  a{i}: {{x: {{}}, y: {{}}}}\n" for i in range(14))
+                       + "seeds: [0]\n", "16,384 cells"),
+    "include_twice": ("include: [towers, towers]\n", "includes 'towers' twice"),
+    "include_and_axes": ("include: [towers]\naxes: {a: {x: {}}}\n", "either includes others"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_in_an_ablation_file_is_one_line_naming_the_file(tmp_path, case):
+    text, expected = BAD_INPUT[case]
+    path = tmp_path / "bad.yaml"
+    header = "" if text.startswith(("seeds: [0]\nseeds", "name:")) else "name: bad\ntitle: t\n"
+    path.write_text(header + text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_ablation(str(path))
+    assert time.perf_counter() - start < 5.0
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message and len(message) < 300
+    assert str(path) in message
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", "the file is empty"),
+    (b"# only a comment\n", "the file is empty"),
+    (b"- relu\n- tanh\n", "the file is a list, not a mapping"),
+    (b"just text\n", "the file is a str, not a mapping"),
+    ("name: caf\u00e9\ntitle: t\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 9)"),
+    (bytes(range(256)), "not UTF-8 text"),
+    (b"name: x\ndescription: " + b"x" * 100_000 + b"\n", "larger than 65,536 bytes"),
+])
+def test_files_that_are_not_an_ablation_are_one_line_naming_the_file(tmp_path, data, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_ablation(str(path))
+    message = str(info.value)
+    assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_a_folder_named_like_an_ablation_is_one_line(tmp_path):
+    (tmp_path / "odd.yaml").mkdir()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_ablation(str(tmp_path / "odd.yaml"))
+
+
+def test_merge_keys_share_overrides_and_explicit_keys_win(tmp_path):
+    path = write(tmp_path, """\
+        name: merged
+        title: t
+        base: {profile: quick}
+        axes:
+          activation:
+            relu: &shared {model.activation: relu, optim.lr: 0.02}
+            tanh: {<<: *shared, model.activation: tanh}
+        seeds: [0]
+        """)
+    cells = {c.arms["activation"]: c.config for c in load_ablation(str(path)).cells()}
+    assert cells["tanh"].model.activation == "tanh" and cells["tanh"].optim.lr == 0.02
+    assert cells["relu"].model.activation == "relu"
+
+
+def test_values_are_kept_as_validated_so_quick_scales_a_quoted_width(tmp_path):
+    path = write(tmp_path, GOOD.replace("model.name: convnet4",
+                                        "model.name: convnet4\n    model.width: '0.5'"))
+    cells = load_ablation(str(path)).cells(quick=True, seeds=[0])
+    assert [c.config.model.width for c in cells] == [0.5 * QUICK_WIDTH_SCALE] * len(cells)
+
+
+def test_dates_stay_text():
+    assert parse_set(["data.root=2024-01-01"]) == {"data.root": "2024-01-01"}
+
+
+def test_cells_refuse_repeated_or_out_of_range_seeds(tmp_path):
+    ab = load_ablation(str(write(tmp_path, GOOD)))
+    with pytest.raises(ConfigError, match="seed 1 is given twice"):
+        ab.cells(seeds=[0, 1, 1])
+    with pytest.raises(ConfigError, match="not a whole number in 0..4294967295"):
+        ab.cells(seeds=[-1])
+    with pytest.raises(ConfigError, match="cells .* the limit is 10,000"):
+        ab.cells(seeds=list(range(5000)))
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("optim.lr=inf", "--set: optim.lr: Input should be a finite number (got 'inf')"),
+    ("optim.lr=-inf", "finite number"),
+    ("optim.lr=nan", "finite number"),
+    ("optim.lr=.inf", "finite number (got inf)"),
+    ("optim.lr=.nan", "finite number (got nan)"),
+    ("optim.lr=1e400", "finite number"),
+    ("optim.lr=[0.1, 0.2]", "optim.lr: Input should be a valid number (got [0.1, 0.2])"),
+    ("train.epochs=1000000", "train.epochs: Input should be less than or equal to 10000"),
+    ("train.eval_batch_size=999999999", "less than or equal to 65536"),
+    ("model.width=!!python/object/apply:os.system [ls]", "is not allowed"),
+    ("optim.lr=" + "9" * 5000, "--set optim.lr: cannot read '999"),
+    ("data.root=a\0b", "--set data.root: character #x0000"),
+    ("optim.lr={" + alias_bomb().replace("\n", ", ") + "}", "more than 10,000 values"),
+    ("a\nb=1", r"unknown key 'a\nb'"),
+])
+def test_bad_set_values_are_one_line_naming_the_key(item, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_set([item])
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message and len(message) < 250
+
+
+def test_a_set_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="--set optim.lr is given twice"):
+        parse_set(["optim.lr=0.1", "optim.lr=0.2"])
+
+
+def test_set_values_come_back_validated_and_a_non_yaml_value_stays_text():
+    assert parse_set(["model.width=0.5", "data.root=[x", "model.towers=2"]) == {
+        "model.width": 0.5, "data.root": "[x", "model.towers": 2}
+
+
+def test_non_finite_numbers_are_refused_by_the_config_itself():
+    for value in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ConfigError, match="optim.lr: Input should be a finite number"):
+            build_config("quick", {"optim.lr": value})
+    cfg = build_config("quick")
+    with pytest.raises(ValueError, match="finite"):
+        cfg.optim.lr = float("nan")  # assignment is validated too

@@ -224,6 +224,15 @@ BROKEN = {
     "empty_axis": ("axes:\n  activation:\n", "axis 'activation' is empty"),
     "duplicate_arm": ("axes:\n  activation:\n    relu: {model.activation: relu}\n"
                       "    relu: {model.activation: tanh}\n", "duplicate key 'relu'"),
+    "non_finite": ("axes:\n  activation:\n    relu: {optim.lr: .inf}\n",
+                   "optim.lr: Input should be a finite number (got inf)"),
+    "python_tag": ("description: !!python/object/apply:os.system [touch pwned]\n",
+                   "tag '!!python/object/apply:os.system' is not allowed"),
+    "list_for_number": ("axes:\n  activation:\n    relu: {train.epochs: [1, 2]}\n",
+                        "train.epochs: Input should be a valid integer"),
+    "absurd_epochs": ("axes:\n  activation:\n    relu: {train.epochs: 9000000}\n",
+                      "train.epochs: Input should be less than or equal to 10000"),
+    "seed_twice": ("axes:\n  activation:\n    relu: {}\nseeds: [1, 1]\n", "seed 1 is given twice"),
 }
 
 
@@ -295,3 +304,60 @@ def test_dry_run_plans_without_a_store(tmp_path):
     assert result.stdout.count("run") >= 4
     assert not (tmp_path / "mlruns").exists()
 
+
+
+def _one_line_exit_2(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+def test_alias_bomb_fails_in_under_2_s_with_one_short_line(store_with_runs):
+    levels = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = store_with_runs / "bomb.yaml"  # 9**10 strings once expanded
+    path.write_text("\n".join(levels) + "\nname: bomb\ntitle: t\nseeds: *l9\n")
+    before = snapshot(store_with_runs / "mlruns")
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["run", str(path)])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"took {elapsed:.1f} s"  # the failure mode is a hang; 2 s is generous
+    output = _one_line_exit_2(result)
+    assert "more than 10,000 values" in output and "lol" not in output and len(output) < 250
+    assert snapshot(store_with_runs / "mlruns") == before
+
+
+@pytest.mark.parametrize("data, expected", [
+    ("name: caf\u00e9\ntitle: t\n".encode("latin-1"), "not UTF-8 text"),
+    (bytes(range(256)) * 8, "not UTF-8 text"),
+    (b"", "the file is empty"),
+    (b"- relu\n- tanh\n", "the file is a list, not a mapping"),
+    (b"name: x\ndescription: " + b"y" * 200_000 + b"\n", "larger than 65,536 bytes"),
+])
+def test_a_file_that_is_not_an_ablation_is_one_line_naming_it(store_with_runs, data, expected):
+    path = store_with_runs / "not_an_ablation.yaml"
+    path.write_bytes(data)
+    before = snapshot(store_with_runs / "mlruns")
+    output = _one_line_exit_2(CliRunner().invoke(app, ["run", str(path)]))
+    assert expected in output and "not_an_ablation.yaml" in output
+    assert snapshot(store_with_runs / "mlruns") == before
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["optim.lr=inf"], "optim.lr: Input should be a finite number (got 'inf')"),
+    (["optim.lr=nan"], "finite number"),
+    (["model.dropout=.nan"], "model.dropout: Input should be a finite number"),
+    (["optim.weight_decay=-.inf"], "finite number"),
+    (["optim.lr=[0.1, 0.2]"], "optim.lr: Input should be a valid number"),
+    (["train.batch_size=100000000"], "train.batch_size: Input should be less than or equal to"),
+    (["optim.lr=0.1", "optim.lr=0.2"], "--set optim.lr is given twice"),
+    (["model.width=!!python/object/apply:os.system [ls]"], "is not allowed"),
+])
+def test_bad_set_values_create_no_store(tmp_path, monkeypatch, sets, expected):
+    monkeypatch.chdir(tmp_path)
+    tiny(tmp_path)
+    args = ["run", "tiny"] + [a for s in sets for a in ("--set", s)]
+    output = _one_line_exit_2(CliRunner().invoke(app, args))
+    assert expected in output
+    assert not (tmp_path / "mlruns").exists()
