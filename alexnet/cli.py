@@ -8,7 +8,6 @@ traceback too.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -299,24 +298,19 @@ def _print_summary(outcomes: list[Any]) -> None:
 def ui(
     host: Annotated[str, typer.Option(help="Bind address; 0.0.0.0 exposes it to the network."
                                       )] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 5000,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """MLflow's UI over the same store."""
+    """MLflow's UI over the same store, opened on each ablation's training runs."""
     from alexnet import tracking
+    from alexnet.ui_server import serve_ui
 
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_store(uri, create=False)
-    store = tracking.local_store_dir(uri)
-    if store is not None and not (store / tracking.DB_NAME).exists():
-        raise AblateError(f"no store at {store}; run an ablation first (ablate run NAME --quick)")
-    console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)")
-    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port)]
-    if store is not None:
-        args += ["--artifacts-destination", (store / "artifacts").resolve().as_uri()]
-    sys.stdout.flush()
-    os.execv(sys.executable, args)  # the server gets our signals directly
+    raise typer.Exit(serve_ui(tracking.tracking_uri(tracking_uri), host, port,
+                              echo=_echo_plain))
+
+
+def _echo_plain(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
