@@ -148,9 +148,8 @@ def grid_view_tags(cells: Sequence[Cell], now_ms: int | None = None) -> dict[str
 
 
 def _deflate(state: dict[str, Any]) -> str:
-    """The state as MLflow's UI stores a large one: "deflate;" + base64 of zlib data. Plain
-    JSON would be about 5,000 characters, the most an experiment tag held before MLflow 3.x
-    raised the limit."""
+    """The state as MLflow's UI stores a large one: "deflate;" + base64 of zlib data, about
+    1,000 characters instead of 5,000, well inside the limit on an experiment tag's value."""
     text = json.dumps(state, separators=(",", ":"))
     return DEFLATED + base64.b64encode(zlib.compress(text.encode())).decode()
 
