@@ -31,7 +31,6 @@ from alexnet.cli_common import (
     state,
     user_errors,
 )
-from alexnet.errors import AblateError
 from alexnet.sweep_cli import sweep
 
 app = typer.Typer(
@@ -222,27 +221,19 @@ def print_summary(result: Any) -> None:
 def ui(
     host: Annotated[str, typer.Option(help="Bind address; 0.0.0.0 exposes it to the network."
                                       )] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 5000,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """MLflow's UI over the same store."""
-    import os
-
+    """MLflow's UI over the same store, opened on each ablation's training runs."""
     from alexnet import store
+    from alexnet.ui_server import serve_ui
 
-    uri = store.tracking_uri(tracking_uri)
-    store.check_store(uri, create=False)
-    folder = store.local_store_dir(uri)
-    if folder is not None and not (folder / store.DB_NAME).exists():
-        raise AblateError(f"no store at {folder}; run an ablation first "
-                          "(ablate run NAME --quick)")
-    console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)")
-    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port)]
-    if folder is not None:
-        args += ["--artifacts-destination", (folder / "artifacts").resolve().as_uri()]
-    sys.stdout.flush()
-    os.execv(sys.executable, args)  # the server gets our signals directly
+    raise typer.Exit(serve_ui(store.tracking_uri(tracking_uri), host, port,
+                              echo=_echo_plain))
+
+
+def _echo_plain(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
