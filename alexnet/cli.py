@@ -326,14 +326,22 @@ def report(
     out: Annotated[Path, typer.Option(help="Folder for NAME.md and NAME/*.png.")] = Path(
         "reports"),
     tracking_uri: TrackingUri = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", metavar="RUN_ID",
+        help="Report the grid this grid run belongs to (by its grid key) instead of the most "
+             "recent complete one; for `paper`, once per ablation to override.")] = None,
 ) -> None:
-    """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures."""
+    """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures.
+
+    Each ablation's runs come from one grid (one scale, tuned or not), never a mixture:
+    the most recent complete one unless --grid names another; the others are listed.
+    """
     from alexnet import tracking
     from alexnet.report import write_report
 
     uri = tracking.tracking_uri(tracking_uri)
     tracking.check_store(uri, create=False)
-    path = write_report(name, uri, out)
+    path = write_report(name, uri, out, grids=grid or ())
     console.print(f"wrote {path}")
 
 
