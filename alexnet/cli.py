@@ -333,8 +333,7 @@ def report(
 ) -> None:
     """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures.
 
-    Each ablation's runs come from one grid (one scale, tuned or not), never a mixture:
-    the most recent complete one unless --grid names another; the others are listed.
+    Runs of one grid only (one scale, tuned or not): the newest complete one, or --grid's.
     """
     from alexnet import tracking
     from alexnet.report import write_report

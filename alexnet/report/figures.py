@@ -129,11 +129,11 @@ def figure1(history: pd.DataFrame, runs: pd.DataFrame, *, axis: str, arm: str,
         for name, style in ((arm, "-"), (baseline, "--")):
             mine = curves[curves[f"axis.{axis}"] == name]
             seeds = sorted(mine["seed"].dropna().unique())
+            label = f"{axis}={name} ({len(seeds)} seeds)"
             for i, seed in enumerate(seeds):
                 line = mine[mine["seed"] == seed].sort_values("epoch")
                 ax.plot(line["epoch"], line["value"] * PCT, style, color=colours[name], lw=1.6,
-                        alpha=0.85, label=f"{axis}={name} ({len(seeds)} seeds)" if i == 0
-                        else None)
+                        marker="o", ms=3, alpha=0.85, label=label if i == 0 else None)
             cross = runs.loc[(runs[f"axis.{axis}"] == name), "crossing_epoch"].dropna() \
                 if "crossing_epoch" in runs else pd.Series(dtype=float)
             ax.plot(cross, [target_pct] * len(cross), "|", color=colours[name], ms=14, mew=2)

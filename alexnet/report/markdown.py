@@ -50,9 +50,8 @@ def signed(v: float | None, decimals: int = 2) -> str:
 def mean_sd(mean: float, sd: float, decimals: int = 1) -> str:
     if not math.isfinite(mean):
         return NONE
-    if not math.isfinite(sd):
-        return f"{mean:.{decimals}f}"
-    return f"{mean:.{decimals}f} ± {sd:.{decimals}f}"
+    text = f"{mean:.{decimals}f}".replace("-", MINUS)  # a negative gap, in the table's minus
+    return text if not math.isfinite(sd) else f"{text} ± {sd:.{decimals}f}"
 
 
 def ratio(v: float) -> str:
