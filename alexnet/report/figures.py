@@ -229,4 +229,4 @@ def _forest_panel(ax: object, kind: str, results: list[ClaimResult]) -> None:
         span = max(1.0, max(abs(x) for x in finite))
         ax.set_xlim(-1.15 * span, 1.15 * span)
         ax.set_xlabel("arm − baseline (percentage points of top-1 error, or of the "
-                      "val − train gap)")
+                      "error − training error gap)")
