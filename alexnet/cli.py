@@ -243,14 +243,21 @@ def report(
     out: Annotated[Path, typer.Option(help="Folder for NAME.md and NAME/*.png.")] = Path(
         "reports"),
     tracking_uri: TrackingUri = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", metavar="RUN_ID",
+        help="Report the grid this grid run belongs to (by its grid key) instead of the most "
+             "recent complete one; for `paper`, once per ablation to override.")] = None,
 ) -> None:
-    """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures."""
+    """Write reports/NAME.md: per-arm statistics, paired deltas against the paper's, figures.
+
+    Runs of one grid only (one scale, tuned or not): the newest complete one, or --grid's.
+    """
     from alexnet import store
     from alexnet.report import write_report
 
     uri = store.tracking_uri(tracking_uri)
     store.check_store(uri, create=False)
-    path = write_report(name, uri, out)
+    path = write_report(name, uri, out, grids=grid or ())
     console.print(f"wrote {path}")
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +18,35 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from alexnet import store as store_mod
 from alexnet import tracking
 from alexnet.ablation import Cell
 from alexnet.claims import CLAIMS
 from alexnet.config import build_config
 from alexnet.errors import StoreError
-from alexnet.report import write_report
+from alexnet.report import figures, write_report
+from alexnet.report.claims_md import claim_sentence
+from alexnet.report.compare import ClaimResult, evaluate_claim
+from alexnet.report.grids import grid_keys, select
+from alexnet.report.load import ENSEMBLE_COLUMNS, GRID_COLUMNS
 from alexnet.report.markdown import problem_lines
 from alexnet.report.stats import (
     Interval,
-    arm_table,
-    evaluate_claim,
-    pick_runs,
     problem_runs,
     ratio_interval,
     t_interval,
     verdict,
+    with_crossings,
 )
 
 EPOCHS = 4
 # Config keys that make each arm a different run config (axes without one share it).
 ARM_KEYS = {"activation": "model.activation", "norm": "model.norm", "pool": "model.pool",
             "dropout": None, "pca_lighting": "data.pca_lighting", "towers": None,
-            "augmentation": "data.flip"}
+            "augmentation": "data.flip", "depth": None}
 
-# ablation -> (claims, {arm: {seed: (final val error, final train error, epochs to 25%)}})
+# ablation -> (claims, axis, {arm: {seed: (final val error, final train error, epoch at
+# which training error first drops to or below 25%, or None)}}); one grid each
 STORE = {
     # 2 arms x 3 seeds x 4 epochs; tanh seed 2 never reaches 25% (censored)
     "relu_vs_tanh": (["relu_speed"], "activation", {
@@ -63,42 +70,71 @@ STORE = {
         "on": {0: (0.35, 0.20, 2)}, "off": {0: (0.40, 0.05, 1)}}),
     # the baseline arm was never run
     "towers": (["two_towers"], "towers", {"two": {0: (0.30, 0.1, 2), 1: (0.31, 0.1, 2)}}),
+    # Section 7: the full net against the mean of the three nets that each lack a layer
+    "depth": (["depth"], "depth", {
+        "full": {0: (0.30, 0.1, 2), 1: (0.31, 0.1, 2)},
+        "no_conv2": {0: (0.32, 0.1, 2), 1: (0.335, 0.1, 2)},
+        "no_conv3": {0: (0.325, 0.1, 2), 1: (0.33, 0.1, 2)},
+        "no_conv4": {0: (0.31, 0.1, 2), 1: (0.325, 0.1, 2)}}),
 }
-TUNED_LR = {"relu": 0.05, "tanh": 0.02}  # relu_vs_tanh runs are tuned
+TUNED_LR = {"relu": 0.05, "tanh": 0.02, "lrn": 0.03, "none": 0.02}
+# Three seeds with a held-out test split whose sign disagrees with validation's, and an
+# ensemble per arm: lrn on the test split, none on the validation split.
+SPLIT_VAL = {"lrn": [0.310, 0.320, 0.300], "none": [0.300, 0.312, 0.291]}
+SPLIT_TEST = {"lrn": [0.280, 0.290, 0.275], "none": [0.300, 0.312, 0.292]}
+ENSEMBLE = {"lrn": ("test", 0.258, 0.070), "none": ("val", 0.280, 0.090)}
+# tuned_mix: an untuned 3-seed grid, then a tuned grid planned for 3 seeds with only seed 0
+UNTUNED_LRN = [0.30, 0.31, 0.32]
+UNTUNED_GAP = [0.020, 0.021, 0.018]  # none − lrn per seed
+TUNED_SEED0 = {"lrn": 0.40, "none": 0.35}
+# two_scales: a full-size grid (2 seeds), then a quicker one (1 seed) at another scale
+FULL = {"lrn": [0.20, 0.21], "none": [0.23, 0.245]}
+QUICK = {"lrn": [0.40], "none": [0.41]}
+
+
+def _train_curve(final_train: float, ett: int | None) -> list[float]:
+    """0.6 − 0.05·epoch until epoch ``ett``, then ``final_train`` (≤ 25%) from there on."""
+    if ett is None:
+        return list(np.linspace(0.6, final_train, EPOCHS))
+    return [0.6 - 0.05 * e if e < ett else final_train for e in range(1, EPOCHS + 1)]
+
+
+def _crossing(final_train: float, ett: int) -> float:
+    """Where the curve above crosses 25%: on the straight line from epoch ett−1 to ett."""
+    before = 0.6 - 0.05 * (ett - 1)
+    return (ett - 1) + (before - 0.25) / (before - final_train)
 
 
 def _history(final_val: float, final_train: float, ett: int | None) -> list:
     from alexnet.results import EpochMetrics
 
-    if ett is None:
-        train = np.linspace(0.6, final_train, EPOCHS)
-    else:  # above 25% before epoch ett, at or below it from then on
-        train = [0.6 - 0.05 * e if e < ett else 0.25 - (0.25 - final_train) * (e - ett) /
-                 max(1, EPOCHS - ett) for e in range(1, EPOCHS + 1)]
+    train = _train_curve(final_train, ett)
     val = np.linspace(0.7, final_val, EPOCHS)
     return [EpochMetrics(e, 1.0, float(train[e - 1]), 1.0, float(val[e - 1]),
                          float(val[e - 1]) / 3, 0.01, 2.0 + 0.1 * e, 100.0)
             for e in range(1, EPOCHS + 1)]
 
 
-def _cell(ablation: str, axis: str, arm: str, seed: int, claims: list[str]) -> Cell:
+def _cell(ablation: str, axis: str, arm: str, seed: int, claims: list[str], *,
+          tuned: bool = False, scale: dict | None = None) -> Cell:
     # the store's data size is pinned here, so the header test does not follow the profile
-    overrides: dict[str, object] = {"seed": seed, "data.synthetic.train_size": 1024}
+    overrides: dict[str, object] = {"seed": seed, "data.synthetic.train_size": 1024,
+                                    **(scale or {})}
     key = ARM_KEYS.get(axis)
     if key:
         overrides[key] = {"on": True, "off": False}.get(arm, arm)
-    tuned = {}
-    if ablation == "relu_vs_tanh":
-        tuned = {"optim.lr": TUNED_LR[arm], "optim.weight_decay": 0.0}
-        overrides.update(tuned)
+    chosen = {"optim.lr": TUNED_LR[arm], "optim.weight_decay": 0.0} if tuned else {}
+    overrides.update(chosen)
     cfg = build_config("quick", overrides)
-    return Cell(ablation, {axis: arm}, seed, cfg, tuple(claims), tuned)
+    return Cell(ablation, {axis: arm}, seed, cfg, tuple(claims), chosen,
+                varied=(key,) if key else ())
 
 
-def _log(c, exp_id: str, cell: Cell, final: tuple | None, status: str = "finished") -> str:
+def _log(c, exp_id: str, cell: Cell, final: tuple | None, status: str = "finished", *,
+         parent: str | None = None, test: tuple[float, float] | None = None) -> str:
     from alexnet.results import RunResult
 
-    run_id = tracking.start_cell_run(c, exp_id, cell, parent_run_id=None)
+    run_id = tracking.start_cell_run(c, exp_id, cell, parent_run_id=parent)
     if status == "running":
         return run_id
     if status == "diverged":
@@ -111,47 +147,126 @@ def _log(c, exp_id: str, cell: Cell, final: tuple | None, status: str = "finishe
     hist = _history(val, train, ett)
     for m in hist:
         tracking.log_epoch(c, run_id, m)
+    if test is not None:  # a held-out test split, scored once at the end
+        tracking.log_metrics(c, run_id, {"test_error": test[0], "test_error_top5": test[1]})
     tracking.end_cell_run(c, run_id, RunResult("finished", hist, epochs_to_target=ett,
                                                train_seconds=10.0))
     return run_id
 
 
+def _grid(c, exp_id: str, cells: list[tuple[Cell, tuple, tuple | None]],
+          planned: int | None = None) -> tuple[str, list[str]]:
+    """A grid run (as the runner logs it) and its finished cells."""
+    first = cells[0][0]
+    parent = c.create_run(exp_id, tags={"ablate.kind": "grid", "ablation": first.ablation,
+                                        "ablate.grid_key": first.grid_key}).info.run_id
+    tracking.log_params(c, parent, {"cells": planned or len(cells)})
+    ids = [_log(c, exp_id, cell, final, parent=parent, test=test) for cell, final, test in cells]
+    c.set_terminated(parent)
+    time.sleep(0.01)  # the next grid starts and ends strictly later
+    return parent, ids
+
+
+def _log_ensemble(c, exp_id: str, cell: Cell, members: dict[int, str], split: str,
+                  top1: float, top5: float) -> str:
+    """What the runner logs at the end of a grid: an arm's seeds' softmax averaged."""
+    from mlflow.entities import Metric
+
+    tags = {"ablate.kind": "ensemble", "ablation": cell.ablation, "arm": cell.arm_label,
+            "ablate.grid_key": cell.grid_key, "members": ",".join(members.values()),
+            "seeds": ",".join(map(str, members)), "split": split,
+            **{f"axis.{a}": v for a, v in cell.arms.items()}}
+    run_id = c.create_run(exp_id, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric("ensemble_error", top1, now, 0),
+                                 Metric("ensemble_error_top5", top5, now, 0)])
+    c.set_terminated(run_id)
+    return run_id
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("store")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for the module's store: on a RAM disk where there is one, since every
+    logged batch is an SQLite commit and a store thrown away after the tests needs no
+    durability (this makes the set-up several times faster)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        with tempfile.TemporaryDirectory(dir=shm, prefix="report-test-") as folder:
+            yield Path(folder)
+    else:
+        yield tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def store(store_root: Path) -> dict:
+    root = store_root
     (root / "mlruns").mkdir()
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    c = tracking.client(uri)
-    ids: dict[object, str] = {}
+    c = store_mod.client(uri)
+    ids: dict[object, object] = {}
     exp_ids: dict[str, str] = {}
+
+    def exp(name: str) -> str:
+        exp_ids[name] = tracking.get_experiment_id(c, uri, name)
+        return exp_ids[name]
+
     for ablation, (claims, axis, arms) in STORE.items():
-        exp_id = exp_ids[ablation] = tracking.get_experiment_id(c, uri, ablation)
-        parent = c.create_run(exp_id, tags={"ablate.kind": "grid", "ablation": ablation})
-        for arm, seeds in arms.items():
-            for seed, final in seeds.items():
-                cell = _cell(ablation, axis, arm, seed, claims)
-                ids[(ablation, arm, seed)] = _log(c, exp_id, cell, final)
-        c.set_terminated(parent.info.run_id)
-        ids[(ablation, "grid")] = parent.info.run_id
-    exp_id = exp_ids["relu_vs_tanh"]
-    ids["failed"] = _log(c, exp_id, _cell("relu_vs_tanh", "activation", "tanh", 3,
-                                          ["relu_speed"]), None, "diverged")
-    ids["running"] = _log(c, exp_id, _cell("relu_vs_tanh", "activation", "relu", 3,
-                                           ["relu_speed"]), None, "running")
+        tuned = ablation == "relu_vs_tanh"
+        cells = [(_cell(ablation, axis, arm, seed, claims, tuned=tuned), final, None)
+                 for arm, seeds in arms.items() for seed, final in seeds.items()]
+        parent, run_ids = _grid(c, exp(ablation), cells)
+        ids[(ablation, "grid")] = parent
+        ids.update({(ablation, cell.arm_label, cell.seed): r
+                    for (cell, _, _), r in zip(cells, run_ids, strict=True)})
+    relu = exp_ids["relu_vs_tanh"]
+    ids["failed"] = _log(c, relu, _cell("relu_vs_tanh", "activation", "tanh", 3, ["relu_speed"],
+                                        tuned=True), None, "diverged")
+    ids["running"] = _log(c, relu, _cell("relu_vs_tanh", "activation", "relu", 3,
+                                         ["relu_speed"], tuned=True), None, "running")
     # an ablation whose only run is still going
-    exp_ids["augmentation"] = tracking.get_experiment_id(c, uri, "augmentation")
-    _log(c, exp_ids["augmentation"], _cell("augmentation", "augmentation", "on", 0,
-                                           ["augmentation"]), None, "running")
+    _log(c, exp("augmentation"), _cell("augmentation", "augmentation", "on", 0,
+                                       ["augmentation"]), None, "running")
+
+    split = exp("test_split")
+    cells = [(_cell("test_split", "norm", arm, s, ["lrn"]), (SPLIT_VAL[arm][s], 0.1, 2),
+              (SPLIT_TEST[arm][s], SPLIT_TEST[arm][s] / 3)) for arm in ("lrn", "none")
+             for s in range(3)]
+    _, run_ids = _grid(c, split, cells)
+    for arm, (which, top1, top5) in ENSEMBLE.items():
+        members = {cell.seed: r for (cell, _, _), r in zip(cells, run_ids, strict=True)
+                   if cell.arms["norm"] == arm}
+        ids[("ensemble", arm)] = _log_ensemble(c, split, _cell("test_split", "norm", arm, 0, []),
+                                               members, which, top1, top5)
+
+    mix = exp("tuned_mix")
+    untuned = [(_cell("tuned_mix", "norm", arm, s, ["lrn"]),
+                (UNTUNED_LRN[s] + (UNTUNED_GAP[s] if arm == "none" else 0), 0.1, 2), None)
+               for arm in ("lrn", "none") for s in range(3)]
+    ids[("tuned_mix", "untuned")], ids[("tuned_mix", "untuned runs")] = _grid(c, mix, untuned)
+    tuned = [(_cell("tuned_mix", "norm", arm, 0, ["lrn"], tuned=True),
+              (TUNED_SEED0[arm], 0.1, 2), None) for arm in ("lrn", "none")]
+    ids[("tuned_mix", "tuned")], ids[("tuned_mix", "tuned runs")] = _grid(c, mix, tuned, 6)
+
+    scales = exp("two_scales")
+    full = {"data.synthetic.train_size": 2048, "model.width": 0.25}
+    ids[("two_scales", "full")], ids[("two_scales", "full runs")] = _grid(c, scales, [
+        (_cell("two_scales", "norm", arm, s, ["lrn"], scale=full), (FULL[arm][s], 0.1, 2), None)
+        for arm in ("lrn", "none") for s in range(2)])
+    ids[("two_scales", "quick")], ids[("two_scales", "quick runs")] = _grid(c, scales, [
+        (_cell("two_scales", "norm", arm, s, ["lrn"]), (QUICK[arm][s], 0.1, 2), None)
+        for arm in ("lrn", "none") for s in range(1)])
+
     out = root / "reports"
     started = time.perf_counter()
-    relu = write_report("relu_vs_tanh", uri, out)
+    relu_report = write_report("relu_vs_tanh", uri, out)
     seconds = time.perf_counter() - started
-    return {"uri": uri, "ids": ids, "exp_ids": exp_ids, "out": out, "relu": relu,
+    return {"uri": uri, "ids": ids, "exp_ids": exp_ids, "out": out, "relu": relu_report,
             "seconds": seconds, "paper": write_report("paper", uri, out)}
 
 
 def _section(text: str, heading: str) -> str:
-    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+    """From ``heading`` to the next heading of any level."""
+    return re.split(r"\n#{1,3} ", text.split(heading, 1)[1], maxsplit=1)[0]
 
 
 def _table_row(text: str, first_cell: str) -> list[str]:
@@ -162,10 +277,21 @@ def _table_row(text: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no table row starting with {first_cell!r}")
 
 
-def _header(text: str, heading: str) -> list[str]:
+def _row(text: str, heading: str, first_cell: str) -> dict[str, str]:
     section = _section(text, heading)
     first = next(line for line in section.splitlines() if line.startswith("|"))
-    return [c.strip() for c in first.strip().strip("|").split("|")]
+    header = [c.strip() for c in first.strip().strip("|").split("|")]
+    return dict(zip(header, _table_row(section, first_cell), strict=True))
+
+
+def _pp(v: float) -> str:
+    return f"{v:+.2f}".replace("-", "−")
+
+
+def _interval(diffs: list[float] | np.ndarray) -> tuple[float, float, float]:
+    d = np.asarray(diffs, dtype=float)
+    lo, hi = sps.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
+    return float(d.mean()), float(lo), float(hi)
 
 
 # --- the statistics on their own ------------------------------------------------------------
@@ -174,19 +300,20 @@ def _header(text: str, heading: str) -> list[str]:
 def test_t_interval_matches_scipy() -> None:
     diffs = np.array([-3.0, -4.0, -2.5, -3.5])
     iv = t_interval(diffs)
-    lo, hi = sps.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=sps.sem(diffs))
-    assert (iv.estimate, iv.n) == (pytest.approx(-3.25), 4)
+    est, lo, hi = _interval(diffs)
+    assert (iv.estimate, iv.n) == (pytest.approx(est), 4)
     assert (iv.low, iv.high) == (pytest.approx(lo), pytest.approx(hi))
     one = t_interval([1.5])
     assert one.n == 1 and not one.has_interval and math.isnan(one.low)
+    same = t_interval([2.0, 2.0, 2.0])  # no spread: a point, and flagged as such
+    assert (same.low, same.high, same.zero_width) == (2.0, 2.0, True)
 
 
 def test_ratio_interval_is_a_t_interval_on_log_ratios() -> None:
     tanh, relu = np.array([12.0, 10.0, 15.0]), np.array([3.0, 4.0, 3.0])
-    logs = np.log(tanh / relu)
-    lo, hi = sps.t.interval(0.95, 2, loc=logs.mean(), scale=sps.sem(logs))
+    est, lo, hi = _interval(np.log(tanh / relu))
     iv = ratio_interval(tanh, relu)
-    assert iv.estimate == pytest.approx(math.exp(logs.mean()))
+    assert iv.estimate == pytest.approx(math.exp(est))
     assert (iv.low, iv.high) == (pytest.approx(math.exp(lo)), pytest.approx(math.exp(hi)))
     assert verdict(iv, "higher", null=1.0) == "reproduced"
 
@@ -205,10 +332,12 @@ def test_verdict(iv: Interval, direction: str, expected: str) -> None:
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     base = {"experiment": "x", "status": "FINISHED", "tuned": False, "diverged": False,
-            "start_time": pd.Timestamp("2024-01-01"), "final_train_error": 0.1}
+            "start_time": pd.Timestamp("2024-01-01", tz="UTC"), "final_train_error": 0.1,
+            "parent_run_id": None}
     df = pd.DataFrame([{**base, **r} for r in rows])
     df["run_id"] = [f"r{i}" for i in range(len(df))]
     df["start_time"] = df["start_time"] + pd.to_timedelta(range(len(df)), unit="s")
+    df["end_time"] = df["start_time"] + pd.Timedelta("1s")
     return df
 
 
@@ -221,12 +350,11 @@ def test_claim_with_two_axes_holds_the_other_at_its_reference() -> None:
                              "axis.activation": act, "axis.norm": norm,
                              "final_val_error": err + shift * (act == "relu") + noise})
     df = _frame(rows)
-    used, _ = pick_runs(df)
     claim = dataclasses.replace(CLAIMS["lrn"], axis="activation", arm="relu", baseline="tanh")
-    r = evaluate_claim(claim, used, df, {"activation": "relu", "norm": "lrn"})
+    r = evaluate_claim(claim, df, df, {"activation": "relu", "norm": "lrn"})
     assert r.held == {"norm": "lrn"}
     assert r.interval.estimate == pytest.approx(-4.0)  # not the +6 pp of norm=none
-    assert r.verdict == "reproduced"
+    assert r.verdict == "reproduced" and r.split == "val"
 
 
 def test_ratio_with_a_censored_baseline_is_a_lower_bound() -> None:
@@ -240,6 +368,7 @@ def test_ratio_with_a_censored_baseline_is_a_lower_bound() -> None:
     assert r.bound == "lower" and r.verdict == "reproduced"
     assert r.interval.estimate == pytest.approx(math.exp(np.log([4.0, 5.0, 3.0]).mean()))
     assert any("never reached 25%" in n for n in r.notes)
+    assert any("resolution of one epoch" in n for n in r.notes)  # no per-epoch history here
     # censored in the arm instead: the estimate is an upper bound and cannot reproduce
     flipped = df.assign(**{"axis.activation": df["axis.activation"].map(
         {"relu": "tanh", "tanh": "relu"})})
@@ -247,18 +376,92 @@ def test_ratio_with_a_censored_baseline_is_a_lower_bound() -> None:
     assert r2.bound == "upper" and r2.verdict in ("contradicted", "inconclusive (censored)")
 
 
-def test_pick_runs_prefers_tuned_then_latest_and_says_so() -> None:
-    df = _frame([
-        {"arm": "a", "seed": 0, "final_val_error": 0.5},
-        {"arm": "a", "seed": 0, "final_val_error": 0.4, "tuned": True},
-        {"arm": "a", "seed": 0, "final_val_error": 0.6},  # later, but untuned
-        {"arm": "a", "seed": 1, "final_val_error": 0.3, "status": "FAILED"},
-    ])
-    used, notes = pick_runs(df)
-    assert used["final_val_error"].tolist() == [0.4]
-    assert notes and "superseded" in notes[0]
-    table = arm_table(used, df)
-    assert table.loc[0, "failed"] == 1 and bool(table.loc[0, "tuned"])
+def test_whole_epochs_give_a_zero_width_interval_and_say_why() -> None:
+    rows = [{"arm": f"activation={a}", "seed": s, "axis.activation": a, "epochs_to_target": e,
+             "epochs_completed": 10.0, "final_val_error": 0.3}
+            for a, e in (("relu", 2.0), ("tanh", 2.0)) for s in range(3)]
+    df = _frame(rows)
+    r = evaluate_claim(CLAIMS["relu_speed"], df, df, {"activation": "relu"})
+    assert (r.interval.low, r.interval.high) == (1.0, 1.0) and r.verdict == "inconclusive"
+    assert any("no width" in n and "resolution" in n for n in r.notes)
+
+
+def test_crossing_is_interpolated_between_epochs() -> None:
+    used = _frame([{"arm": "a", "seed": s, "epochs_to_target": e, "final_val_error": 0.3}
+                   for s, e in enumerate((3.0, 1.0, math.nan, 2.0))])
+    curves = {"r0": [0.50, 0.30, 0.20], "r1": [0.20, 0.10], "r2": [0.50, 0.40]}
+    history = pd.DataFrame([(r, "train_error", e + 1, v) for r, vs in curves.items()
+                            for e, v in enumerate(vs)],
+                           columns=["run_id", "key", "epoch", "value"])
+    out = with_crossings(used, history).set_index("run_id")
+    assert out.loc["r0", "crossing_epoch"] == pytest.approx(2.5)  # 30% at 2, 20% at 3
+    assert not out.loc["r0", "crossing_first"]
+    # below the line after the first epoch: nothing before epoch 1, so at most 1 (a bound)
+    assert out.loc["r1", "crossing_epoch"] == 1.0 and out.loc["r1", "crossing_first"]
+    assert math.isnan(out.loc["r2", "crossing_epoch"])  # never reached
+    # no per-epoch history: the whole-epoch count, flagged as not interpolated
+    assert out.loc["r3", "crossing_epoch"] == 2.0 and not out.loc["r3", "crossing_interpolated"]
+
+
+def test_a_ratio_in_the_papers_direction_is_not_called_a_disagreement() -> None:
+    r = ClaimResult(CLAIMS["relu_speed"], "relu_vs_tanh", "ratio",
+                    Interval(1.32, 0.91, 1.91, 3), "inconclusive", seeds=[0, 1, 2],
+                    arm_text="activation=relu", baseline_text="activation=tanh", split="train")
+    text = claim_sentence(r)
+    assert "1.32× [0.91, 1.91] faster" in text
+    assert "disagrees" not in text
+    assert "The paper's 6× lies outside the interval; the estimate points the same way, but " \
+           "the interval also holds no effect" in text
+    slower = dataclasses.replace(r, interval=Interval(0.8, 0.6, 0.95, 3))
+    assert "The paper's 6× disagrees: the interval lies on the other side of no effect" in \
+        claim_sentence(slower)
+
+
+def test_mixed_splits_fall_back_to_validation_and_say_so() -> None:
+    df = _frame([{"arm": f"norm={a}", "seed": s, "axis.norm": a, "final_val_error": v,
+                  "test_error": t}
+                 for a, v, ts in (("lrn", 0.30, (0.2, 0.21)), ("none", 0.33, (0.25, math.nan)))
+                 for s, t in enumerate(ts)])
+    r = evaluate_claim(CLAIMS["lrn"], df, df, {"norm": "lrn"})
+    assert r.split == "val" and r.interval.estimate == pytest.approx(-3.0)
+    assert "validation errors compared: 1 of 4 runs in this comparison lack a test error" \
+        in r.notes
+
+
+def test_untagged_runs_of_other_scales_or_tuning_form_separate_grids() -> None:
+    base = {"params.data.source": "synthetic", "params.train.epochs": "4",
+            "final_val_error": 0.3}
+    rows = [{**base, "arm": f"norm={a}", "seed": s, "axis.norm": a, "params.model.norm": a,
+             "params.model.width": w, "tuned": t}
+            for w, t in (("0.125", False), ("0.25", False), ("0.125", True))
+            for a in ("lrn", "none") for s in (0, 1)]
+    keys = grid_keys(_frame(rows))
+    assert keys.nunique() == 3  # width and tuned split them; the arm's own param does not
+    sel = select("x", _frame(rows), pd.DataFrame(columns=GRID_COLUMNS),
+                 pd.DataFrame(columns=ENSEMBLE_COLUMNS))
+    assert len(sel.used) == 4 and sel.used["tuned"].all() and len(sel.others) == 2
+
+
+def test_the_per_seed_interval_never_goes_below_zero() -> None:
+    used = _frame([{"arm": "a", "seed": s, "final_val_error": v}
+                   for s, v in enumerate((0.01, 0.02, 0.40))])
+    fig = figures.seed_points(used, order=["a"])
+    ax = fig.axes[0]
+    bars = [seg for coll in ax.collections if hasattr(coll, "get_segments")
+            for seg in coll.get_segments()]
+    assert bars and min(x for seg in bars for x, _ in seg) >= 0.0
+    mean, sd = np.mean([1.0, 2.0, 40.0]), np.std([1.0, 2.0, 40.0], ddof=1)
+    assert mean - sd < 0  # unclipped, the bar would reach below 0%
+    assert max(x for seg in bars for x, _ in seg) == pytest.approx(mean + sd)
+    assert ax.get_xlim()[0] >= 0.0
+
+
+def test_a_failure_fixed_by_a_rerun_says_so() -> None:
+    df = _frame([{"arm": "a", "seed": 0, "status": "FAILED", "final_val_error": math.nan,
+                  "failure_reason": "out of memory"},
+                 {"arm": "a", "seed": 0, "final_val_error": 0.4}])
+    (line,) = problem_lines(problem_runs(df))
+    assert "failed (FAILED, run `r0`): out of memory (a later run" in line
 
 
 # --- the report from a store ---------------------------------------------------------------
@@ -282,22 +485,26 @@ def test_report_is_fast_and_leaves_the_global_uri_alone(store: dict) -> None:
 
 def test_per_arm_table_values(store: dict) -> None:
     text = store["relu"].read_text()
-    section = _section(text, "## Results per arm")
-    header = _header(text, "## Results per arm")
-    relu = dict(zip(header, _table_row(section, "activation=relu (tuned)"), strict=True))
-    vals = [100 * v for v, _, _ in STORE["relu_vs_tanh"][2]["relu"].values()]
-    assert relu["top-1 error (%)"] == f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
-    train = [100 * t for _, t, _ in STORE["relu_vs_tanh"][2]["relu"].values()]
+    relu = _row(text, "## Results per arm", "activation=relu (tuned)")
+    finals = STORE["relu_vs_tanh"][2]["relu"]
+    vals = [100 * v for v, _, _ in finals.values()]
+    assert relu["top-1 val error (%)"] == f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
+    train = [100 * t for _, t, _ in finals.values()]
     assert relu["train error (%)"] == f"{np.mean(train):.1f} ± {np.std(train, ddof=1):.1f}"
     gap = np.subtract(vals, train)
     assert relu["val − train gap (pp)"] == f"{gap.mean():.1f} ± {gap.std(ddof=1):.1f}"
-    assert relu["epochs to 25% train error"] == f"{np.mean([1, 2, 1]):.1f} ± " \
-                                                f"{np.std([1, 2, 1], ddof=1):.1f}"
+    # seeds 0 and 2 are below 25% after epoch 1 (counted as 1), seed 1 crosses within epoch 2
+    epochs = [1.0, _crossing(0.12, 2), 1.0]
+    assert relu["epochs to 25% train error"] == (
+        f"{np.mean(epochs):.1f} ± {np.std(epochs, ddof=1):.1f} (2 within epoch 1)")
     assert relu["seeds"] == "3" and relu["lr"] == "0.05" and relu["weight decay"] == "0"
     assert relu["time/epoch (s)"] == "2.25 ± 0.00"  # every run: mean of 2.1 .. 2.4
     assert relu["in progress"] == "1" and relu["failed"] == "0"
-    tanh = dict(zip(header, _table_row(section, "activation=tanh (tuned)"), strict=True))
-    assert tanh["epochs to 25% train error"] == "4.0 ± 0.0 (2 of 3; 1 never)"
+    assert "top-1 test error (%)" not in relu  # these runs have no test split
+    tanh = _row(text, "## Results per arm", "activation=tanh (tuned)")
+    epochs = [_crossing(0.20, 4), _crossing(0.22, 4)]
+    assert tanh["epochs to 25% train error"] == (
+        f"{np.mean(epochs):.1f} ± {np.std(epochs, ddof=1):.1f} (2 of 3; 1 never)")
     assert tanh["failed"] == "1 (1 diverged)" and tanh["lr"] == "0.02"
 
 
@@ -316,60 +523,231 @@ def test_header_says_what_was_run(store: dict) -> None:
     head = _section(text, "## What was run")
     for expected in ("synthetic images (1024 training, 512 validation), 32 px",
                      "alexnet_cifar, width 0.125", "0, 1, 2 (also started, none finished: 3)",
-                     "cpu",
+                     "cpu", "| tuned ", "yes: lr and weight decay chosen per arm",
                      f"(id {store['exp_ids']['relu_vs_tanh']})",
                      store["ids"][("relu_vs_tanh", "grid")], store["uri"],
+                     "the most recent grid; none is complete; 6 of 8 cells finished",
                      "63.0 s"):  # 6 x 10 s + 3 s of the diverged run + 0 of the running one
         assert expected in head, expected
     commit = tracking.git_commit()
     if commit:
         assert commit in head
     assert "> **Scale.** These runs: synthetic images" in text
+    assert "Other runs in the store" not in text  # one grid only
 
 
-def test_relu_speed_ratio_by_hand(store: dict) -> None:
-    # tanh seed 2 never reached 25% in 4 epochs: its pair enters as 4 / 1, a lower bound
-    ratios = np.array([4 / 1, 4 / 2, 4 / 1])
-    logs = np.log(ratios)
-    lo, hi = np.exp(sps.t.interval(0.95, 2, loc=logs.mean(), scale=sps.sem(logs)))
-    est = math.exp(logs.mean())
-    row = _table_row(store["relu"].read_text(), "relu_speed")
+def test_relu_speed_ratio_is_interpolated(store: dict) -> None:
+    # tanh ÷ relu per seed, on crossings interpolated between epochs: relu seeds 0 and 2
+    # are below 25% after epoch 1 (at most 1 epoch), tanh seed 2 never got there in 4
+    ratios = np.array([_crossing(0.20, 4) / 1, _crossing(0.22, 4) / _crossing(0.12, 2), 4 / 1])
+    est, lo, hi = (math.exp(v) for v in _interval(np.log(ratios)))
+    text = store["relu"].read_text()
+    row = _table_row(text, "relu_speed")
     assert f"≥ {est:.2f}×" in row and f"[{lo:.2f}, {hi:.2f}]" in row
     assert "reproduced" in row and "6×" in row
-    text = store["relu"].read_text()
     assert re.search(rf"\*\*Claim relu_speed\*\* .*: reproduced at this scale \(activation="
                      rf"relu reached 25% training error at least {est:.2f}× "
-                     rf"\[{lo:.2f}, {hi:.2f}\] faster", text)
+                     rf"\[{lo:.2f}, {hi:.2f}\] faster than activation=tanh", text)
     assert "activation=tanh never reached 25% training error in 1 of 3 seed(s)" in text
+    assert "activation=relu was at or below 25% after its first epoch in 2 of 3 seed(s)" in text
+    assert "interpolated linearly between the last epoch above the line" in text
+    assert "nothing is assumed before epoch 1" in text
+
+
+def test_figure1_is_the_papers_figure(store: dict) -> None:
+    from alexnet.report import load
+    from alexnet.report.stats import with_crossings
+
+    text = store["relu"].read_text()
+    assert "![training error against epochs, relu solid and tanh dashed, as in the paper's " \
+           "Figure 1](relu_vs_tanh/figure1.png)" in text
+    assert "relu_vs_tanh/train_error.png" not in text  # Figure 1 replaces the plain curves
+    runs = load.load_runs("relu_vs_tanh", store["uri"])
+    used = runs.cells[(runs.cells["status"] == "FINISHED")]
+    history = load.metric_histories(store["uri"], used["run_id"], ("train_error",))
+    fig = figures.figure1(history, with_crossings(used, history), axis="activation",
+                          arm="relu", baseline="tanh", target_pct=25.0)
+    lines = fig.axes[0].get_lines()
+    styles = {line.get_label(): line.get_linestyle() for line in lines}
+    assert styles["activation=relu (3 seeds)"] == "-"
+    assert styles["activation=tanh (3 seeds)"] == "--"
+    assert any(line.get_label() == "25% target" and set(line.get_ydata()) == {25.0}
+               for line in lines)
 
 
 def test_paired_delta_and_verdicts_in_the_paper_table(store: dict) -> None:
     text = store["paper"].read_text()
-    header = _header(text, "## Error deltas against the paper")
-    rows = {c: dict(zip(header, _table_row(text, c), strict=True)) for c in CLAIMS}
-
+    rows = {c: _row(text, "## Error deltas against the paper", c) for c in CLAIMS}
     lrn, none = STORE["normalization"][2]["lrn"], STORE["normalization"][2]["none"]
-    diffs = np.array([100 * (lrn[s][0] - none[s][0]) for s in (0, 1, 2)])
-    lo, hi = sps.t.interval(0.95, 2, loc=diffs.mean(), scale=sps.sem(diffs))
-    fmt = lambda v: f"{v:+.2f}".replace("-", "−")  # noqa: E731
-    assert rows["lrn"]["measured"] == f"{fmt(diffs.mean())} pp"
-    assert rows["lrn"]["95% interval"] == f"[{fmt(lo)}, {fmt(hi)}]"
-    assert rows["lrn"]["verdict"] == "reproduced" and rows["lrn"]["paired seeds"] == "3"
+    est, lo, hi = _interval([100 * (lrn[s][0] - none[s][0]) for s in (0, 1, 2)])
+    assert rows["lrn"]["measured"] == f"{_pp(est)} pp"
+    assert rows["lrn"]["95% interval"] == f"[{_pp(lo)}, {_pp(hi)}]"
+    assert rows["lrn"]["verdict"] == "reproduced" and rows["lrn"]["n"] == "3"
     assert rows["lrn"]["paper"] == "−1.4 pp" and rows["lrn"]["Mishkin et al. 2016"] == "+0.1 pp"
+    assert rows["lrn"]["ablation"] == "`normalization`"
     assert rows["overlap_pool"]["verdict"] == "contradicted"
     assert rows["pca_lighting"]["verdict"] == "inconclusive"
     assert rows["relu_speed"]["verdict"] == "reproduced"
     assert rows["dropout"]["verdict"] == "inconclusive (one seed)"
     assert rows["dropout"]["95% interval"] == "none (one seed)"
     assert rows["two_towers"]["verdict"] == "not measured: arm towers=one missing: never run"
-    assert rows["ensemble"]["verdict"].startswith("not measured: no ablation in the store")
-    assert rows["lrn"]["ablation"] == "`normalization`"
-    # one summary across experiments: each ablation listed once, with its claims
+    assert rows["depth"]["ablation"] == "`depth`"
     store_table = _section(text, "## Ablations in the store")
-    for name in STORE:
+    for name in (*STORE, "test_split", "tuned_mix", "two_scales"):
         assert f"`{name}`" in store_table
     assert "**Claim dropout** (§4.2): inconclusive (one seed) at this scale" in text
-    assert "one seed, so no interval" in text
+    assert "one of the paired seeds, so no interval" in text
+    # the paper summary applies the grid rule per experiment too
+    assert "### `two_scales`: Other runs in the store, not used" in text
+    assert "### `tuned_mix`: Other runs in the store, not used" in text
+
+
+def test_depth_row_compares_full_with_the_mean_of_the_shallower_arms(store: dict,
+                                                                     tmp_path: Path) -> None:
+    arms, seeds = STORE["depth"][2], (0, 1)
+    diffs = [100 * (arms["full"][s][0] - np.mean([arms[a][s][0] for a in
+                                                 ("no_conv2", "no_conv3", "no_conv4")]))
+             for s in seeds]
+    est, lo, hi = _interval(diffs)
+    text = write_report("depth", store["uri"], tmp_path).read_text()
+    row = _row(text, "## Error deltas against the paper", "depth")
+    assert row["measured"] == f"{_pp(est)} pp" and row["95% interval"] == f"[{_pp(lo)}, {_pp(hi)}]"
+    assert row["verdict"] == "reproduced" and row["n"] == "2" and row["paper"] == "−2.0 pp"
+    assert row["agrees with"] == "paper (size)"
+    assert "depth=full − the mean of depth=no_conv2, depth=no_conv3, depth=no_conv4" in text
+    one = _interval([100 * (arms["full"][s][0] - arms["no_conv3"][s][0]) for s in seeds])
+    assert f"depth=full − depth=no_conv3: {_pp(one[0])} pp [{_pp(one[1])}, {_pp(one[2])}]" \
+        in text
+
+
+@pytest.fixture(scope="module")
+def split_report(store: dict) -> str:
+    return write_report("test_split", store["uri"], store["out"]).read_text()
+
+
+def test_verdicts_use_the_test_split_and_say_so(store: dict, split_report: str) -> None:
+    text = split_report
+    test = [100 * (a - b) for a, b in zip(SPLIT_TEST["lrn"], SPLIT_TEST["none"], strict=True)]
+    val = [100 * (a - b) for a, b in zip(SPLIT_VAL["lrn"], SPLIT_VAL["none"], strict=True)]
+    assert np.mean(val) > 0 > np.mean(test)  # the splits disagree: the verdict shows which
+    est, lo, hi = _interval(test)
+    row = _row(text, "## Error deltas against the paper", "lrn")
+    assert row["measured as"] == "top-1 test error (pp)"
+    assert row["measured"] == f"{_pp(est)} pp" and row["verdict"] == "reproduced"
+    assert "Errors compared: the held-out test split, scored once at the end of each run" \
+        in text
+    assert "top-1 test error, norm=lrn − norm=none" in text
+    arm = _row(text, "## Results per arm", "norm=lrn")
+    t = [100 * v for v in SPLIT_TEST["lrn"]]
+    assert arm["top-1 test error (%)"] == f"{np.mean(t):.1f} ± {np.std(t, ddof=1):.1f}"
+    assert "test − train gap (pp)" in arm
+    # the summary mixes ablations with and without a test split: each row says which
+    paper = store["paper"].read_text()
+    assert "the held-out test split where every run of a comparison has it, else the " \
+           "validation split" in paper
+    assert _row(paper, "## Error deltas against the paper", "overlap_pool")["measured as"] == \
+        "top-1 val error (pp)"
+
+
+def test_ensemble_row(store: dict, split_report: str) -> None:
+    text = split_report
+    which, top1, top5 = ENSEMBLE["lrn"]
+    diffs = [100 * (top1 - t) for t in SPLIT_TEST["lrn"]]  # ensemble − each single model
+    est, lo, hi = _interval(diffs)
+    row = _row(text, "## Error deltas against the paper", "ensemble")
+    assert row["measured as"] == "top-1 test error (pp)" and row["n"] == "3"
+    assert row["measured"] == f"{_pp(est)} pp" and row["95% interval"] == f"[{_pp(lo)}, {_pp(hi)}]"
+    assert row["verdict"] == "reproduced" and row["paper"] == "−2.6 pp"
+    est5 = np.mean([100 * (top5 - t / 3) for t in SPLIT_TEST["lrn"]])
+    assert f"top-5 {_pp(est5)} pp" in text
+    assert f"3 models averaged (the paper averaged 5); ensemble run " \
+           f"`{store['ids'][('ensemble', 'lrn')]}`" in text
+    # each arm's ensemble in its own table, the none arm's on the validation split
+    ens = _row(text, "## Ensembles (Section 6, Table 2)", "norm=none")
+    singles = [100 * v for v in SPLIT_VAL["none"]]
+    assert ens["split"] == "validation" and ens["models"] == "3"
+    assert ens["single models, top-1 error (%)"] == \
+        f"{np.mean(singles):.1f} ± {np.std(singles, ddof=1):.1f}"
+    assert ens["ensemble − single, top-1 (pp)"].startswith(
+        f"{_pp(100 * ENSEMBLE['none'][1] - np.mean(singles))} [")
+    assert _row(store["paper"].read_text(), "## Error deltas against the paper",
+                "ensemble")["ablation"] == "`test_split`"
+
+
+def test_tuned_and_untuned_runs_are_never_pooled(store: dict, tmp_path: Path) -> None:
+    ids = store["ids"]
+    # the tuned grid is newer but incomplete (1 of 3 seeds): the complete untuned one is used
+    text = write_report("tuned_mix", store["uri"], tmp_path).read_text()
+    est, lo, hi = _interval([-100 * g for g in UNTUNED_GAP])
+    row = _row(text, "## Error deltas against the paper", "lrn")
+    assert row["measured"] == f"{_pp(est)} pp" and row["n"] == "3"
+    runs = _section(text, "## Runs")
+    assert all(r in runs for r in ids[("tuned_mix", "untuned runs")])
+    assert not any(r in runs for r in ids[("tuned_mix", "tuned runs")])
+    other = _row(text, "### Other runs in the store, not used",
+                 f"`{_grid_key(store, 'tuned_mix', 'tuned')}`")
+    assert other["tuned"] == "yes"
+    assert other["complete"] == "no (2 of 6 cells)" and other["seeds"] == "0"
+    tuned = ids[("tuned_mix", "tuned")]
+    assert other["report it with"] == f"`ablate report tuned_mix --grid {tuned}`"
+    assert "| tuned " in text and "| no " in _section(text, "## What was run")
+    # named with --grid: the tuned runs alone, never completed by untuned seeds 1 and 2
+    text = write_report("tuned_mix", store["uri"], tmp_path,
+                        grids=[ids[("tuned_mix", "tuned")]]).read_text()
+    row = _row(text, "## Error deltas against the paper", "lrn")
+    assert row["measured"] == f"{_pp(100 * (TUNED_SEED0['lrn'] - TUNED_SEED0['none']))} pp"
+    assert row["verdict"] == "inconclusive (one seed)" and row["n"] == "1"
+    head = _section(text, "## What was run")
+    assert "named with --grid" in head and "also started" not in head
+
+
+def test_runs_at_two_scales_are_never_pooled(store: dict, tmp_path: Path) -> None:
+    ids = store["ids"]
+    text = write_report("two_scales", store["uri"], tmp_path).read_text()  # the newer: quick
+    row = _row(text, "## Error deltas against the paper", "lrn")
+    assert row["measured"] == f"{_pp(100 * (QUICK['lrn'][0] - QUICK['none'][0]))} pp"
+    assert row["n"] == "1"
+    head = _section(text, "## What was run")
+    seeds = _table_row(head, "seeds")[1]
+    assert seeds == "0"  # seed 1 finished, but at the other scale: not "also started"
+    assert "1024 training" in head and "2048" not in head
+    assert "the most recent complete grid" in head
+    other = _row(text, "### Other runs in the store, not used",
+                 f"`{_grid_key(store, 'two_scales', 'full')}`")
+    assert "2048 training" in other["scale"] and "width 0.25" in other["scale"]
+    assert other["cell runs"] == "4 finished" and other["complete"] == "yes"
+    assert not any(r in _section(text, "## Runs") for r in ids[("two_scales", "full runs")])
+    text = write_report("two_scales", store["uri"], tmp_path,
+                        grids=[ids[("two_scales", "full")]]).read_text()
+    est, lo, hi = _interval([100 * (a - b) for a, b in zip(FULL["lrn"], FULL["none"],
+                                                          strict=True)])
+    row = _row(text, "## Error deltas against the paper", "lrn")
+    assert row["measured"] == f"{_pp(est)} pp" and row["n"] == "2"
+    assert "1024 training" in _section(text, "### Other runs in the store, not used")
+
+
+def _grid_key(store: dict, experiment: str, which: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(store["uri"]).get_run(store["ids"][(experiment, which)])
+    return run.data.tags["ablate.grid_key"]
+
+
+def test_grid_option_rejects_a_run_that_is_no_grid_of_it(store: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from alexnet.cli import app
+
+    ids = store["ids"]
+    cli = CliRunner()
+    args = ["report", "two_scales", "--out", str(tmp_path), "--tracking-uri", store["uri"]]
+    for bad in (ids[("two_scales", "quick runs")][0], ids[("tuned_mix", "tuned")]):
+        result = cli.invoke(app, [*args, "--grid", bad])
+        assert result.exit_code == 2
+        assert len(result.output.strip().splitlines()) == 1 and "--grid" in result.output
+        assert not (tmp_path / "two_scales.md").exists()  # nothing half-written
+    result = cli.invoke(app, [*args, "--grid", ids[("two_scales", "full")]])
+    assert result.exit_code == 0 and (tmp_path / "two_scales.md").is_file()
 
 
 def test_figures_exist_and_are_linked(store: dict) -> None:
@@ -393,11 +771,3 @@ def test_nothing_finished_yet(store: dict, tmp_path: Path) -> None:
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["augmentation/deltas.png"] and (tmp_path / links[0]).is_file()
     assert missing in store["paper"].read_text()
-
-
-def test_a_failure_fixed_by_a_rerun_says_so() -> None:
-    df = _frame([{"arm": "a", "seed": 0, "status": "FAILED", "final_val_error": math.nan,
-                  "failure_reason": "out of memory"},
-                 {"arm": "a", "seed": 0, "final_val_error": 0.4}])
-    (line,) = problem_lines(problem_runs(df))
-    assert "failed (FAILED, run `r0`): out of memory (a later run" in line

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from alexnet import store as store_mod
 from alexnet import tracking, ui, ui_server
 from alexnet.ablation import load_ablation
 from alexnet.claims import CLAIMS
@@ -218,7 +219,7 @@ def _store_with_a_grid(store: Path) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     store.mkdir()
-    uri = f"sqlite:///{store / tracking.DB_NAME}"
+    uri = f"sqlite:///{store / store_mod.DB_NAME}"
     c = MlflowClient(tracking_uri=uri)
     ab = load_ablation("relu_vs_tanh")
     cells = ab.cells(quick=True, seeds=[0, 1])

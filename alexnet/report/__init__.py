@@ -1,19 +1,22 @@
 """`ablate report`: an ablation's runs in MLflow → reports/NAME.md with figures in NAME/.
 
-load (MLflow → pandas) → stats (pure) → figures + markdown. Nothing heavy is imported at
-module level, so that importing the package costs nothing until a report is written.
+load (MLflow → pandas) → grids (which runs may be pooled) → stats and compare (pure) →
+figures + markdown. Nothing heavy is imported at module level, so that importing the
+package costs nothing until a report is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from alexnet.report.compare import ClaimResult
+    from alexnet.report.grids import Selection
     from alexnet.report.load import Runs
-    from alexnet.report.stats import ClaimResult
 
 __all__ = ["PAPER", "write_report"]
 
@@ -21,19 +24,38 @@ PAPER = "paper"  # the summary over every ablation in the store, one row per cla
 
 
 def write_report(name: str, tracking_uri: str | None = None,
-                 out_dir: Path = Path("reports")) -> Path:
+                 out_dir: Path = Path("reports"), grids: Sequence[str] = ()) -> Path:
     """Write ``out_dir/NAME.md`` (figures in ``out_dir/NAME/``) from the runs in MLflow.
 
     ``name`` is an ablation, whose experiment has the same name, or ``"paper"`` for one
-    table over every ablation in the store. Raises StoreError when there are no runs.
+    table over every ablation in the store. Each experiment contributes one grid: the one
+    a run id in ``grids`` names (a grid run, ``ablate.kind=grid``), else its most recent
+    complete grid, else its most recent one. Raises StoreError when there are no runs or
+    a named grid run is not one of them.
     """
     from alexnet import store
 
     uri = store.tracking_uri(tracking_uri)
     out_dir = Path(out_dir)
     if name == PAPER:
-        return _write_paper(uri, out_dir)
-    return _write_ablation(name, uri, out_dir)
+        return _write_paper(uri, out_dir, grids)
+    return _write_ablation(name, uri, out_dir, grids)
+
+
+def select_all(runs: Runs, grids: Sequence[str] = ()) -> dict[str, Selection]:
+    """One grid per experiment of ``runs`` (see write_report)."""
+    from alexnet.errors import StoreError
+    from alexnet.report.grids import named_experiment, select
+
+    named: dict[str, str] = {}
+    for run_id in grids:
+        exp = named_experiment(runs.grids, run_id)
+        if exp not in runs.experiments:
+            raise StoreError(f"--grid {run_id} is a grid run of {exp}, not of "
+                             f"{', '.join(runs.experiments)}; report {exp} to use it")
+        named[exp] = run_id
+    return {exp: select(exp, runs.cells, runs.grids, runs.ensembles, named.get(exp))
+            for exp in runs.experiments if (runs.cells["experiment"] == exp).any()}
 
 
 def _target_pct(df: pd.DataFrame) -> float:
@@ -44,81 +66,128 @@ def _target_pct(df: pd.DataFrame) -> float:
     return float(values.iloc[0]) * 100 if len(values) else 25.0
 
 
-def _write_ablation(name: str, uri: str, out_dir: Path) -> Path:
+def claim_results(runs: Runs, exp: str, sel: Selection, claim_ids: Sequence[str]
+                  ) -> list[ClaimResult]:
+    """Every claim ``exp`` tests, on its chosen grid; the ensemble claim too where the grid
+    has ensemble runs."""
+    extra = ["ensemble"] if not sel.ensembles.empty else []
+    return [claim_result(runs, exp, sel, c) for c in dict.fromkeys([*claim_ids, *extra])]
+
+
+def claim_result(runs: Runs, exp: str, sel: Selection, claim_id: str) -> ClaimResult:
     from alexnet.claims import CLAIMS
-    from alexnet.report import figures, load, markdown, stats
+    from alexnet.report import compare
+
+    claim, reference = CLAIMS[claim_id], runs.reference.get(exp, {})
+    if claim.axis == "ensemble":  # no axis of its own: the grid's ensemble runs
+        return compare.evaluate_ensemble(claim, sel.ensembles, sel.all_cells, reference, exp)
+    return compare.evaluate_claim(claim, sel.used, sel.cells, reference, exp)
+
+
+def _write_ablation(name: str, uri: str, out_dir: Path, grids: Sequence[str]) -> Path:
+    from alexnet.claims import CLAIMS
+    from alexnet.report import ablation_md, compare, figures, load, stats
 
     runs = load.load_runs(name, uri)
-    cells = runs.cells
-    used, notes = stats.pick_runs(cells)
+    sel = select_all(runs, grids)[name]
+    history = load.metric_histories(uri, sel.used["run_id"], load.HISTORY_KEYS)
+    sel.used = stats.with_crossings(sel.used, history)
+    used = sel.used
     reference = runs.reference.get(name, {})
-    arms = stats.arm_table(used, cells, runs.arm_order.get(name))
-    results = [stats.evaluate_claim(CLAIMS[c], used, cells, reference, name)
-               for c in runs.claims.get(name, [])]
-    target = _target_pct(used if not used.empty else cells)
+    arms = stats.arm_table(used, sel.cells, runs.arm_order.get(name))
+    results = claim_results(runs, name, sel, runs.claims.get(name, []))
+    ensembles = [compare.ensemble_result(CLAIMS["ensemble"], row, sel.all_cells, name)
+                 for _, row in sel.ensembles.iterrows()]
+    target = _target_pct(used if not used.empty else sel.cells)
     order = list(arms["arm"]) if not arms.empty else []
 
     fig_dir = out_dir / name
     figs: dict[str, str] = {}  # relative path -> alt text, in the order shown
+    speed = [r for r in results if r.kind == "ratio" and not r.missing]
+    if speed:
+        r = speed[0]
+        c = r.claim
+        figures.save(figures.figure1(history, _compared(used, r), axis=c.axis, arm=c.arm,
+                                     baseline=c.baseline, target_pct=r.target_pct),
+                     fig_dir / "figure1.png")
+        figs[f"{name}/figure1.png"] = (f"training error against epochs, {c.arm} solid and "
+                                       f"{c.baseline} dashed, as in the paper's Figure 1")
     if not used.empty:
-        figures.learning_curves(runs.history, used, fig_dir / "train_error.png",
-                                key="train_error", order=order, target_pct=target)
-        figs[f"{name}/train_error.png"] = "training error per arm against epoch"
-        figures.learning_curves(runs.history, used, fig_dir / "val_error.png",
-                                key="val_error", order=order)
+        if not speed:
+            figures.save(figures.learning_curves(history, used, key="train_error", order=order,
+                                                 target_pct=target),
+                         fig_dir / "train_error.png")
+            figs[f"{name}/train_error.png"] = "training error per arm against epoch"
+        figures.save(figures.learning_curves(history, used, key="val_error", order=order),
+                     fig_dir / "val_error.png")
         figs[f"{name}/val_error.png"] = "validation error per arm against epoch"
-        figures.seed_points(used, fig_dir / "val_error_by_seed.png", order=order)
-        figs[f"{name}/val_error_by_seed.png"] = "final validation error per arm and seed"
+        figures.save(figures.seed_points(used, order=order), fig_dir / "error_by_seed.png")
+        figs[f"{name}/error_by_seed.png"] = "final error per arm and seed"
     if results:
-        figures.forest(results, fig_dir / "deltas.png")
+        figures.save(figures.forest(results), fig_dir / "deltas.png")
         figs[f"{name}/deltas.png"] = "measured against the paper's deltas"
 
-    text = markdown.ablation_report(
+    text = ablation_md.ablation_report(
         name=name, title=runs.titles.get(name), uri=uri, exp_id=runs.experiments[name],
-        cells=cells, used=used, grids=runs.grids, arms=arms,
-        problems=stats.problem_runs(cells), results=results, notes=notes, figures=figs,
-        reference=reference, target_pct=target)
+        sel=sel, arms=arms, problems=stats.problem_runs(sel.cells), results=results,
+        ensembles=ensembles, figures=figs, reference=reference, target_pct=target)
     return _write(out_dir / f"{name}.md", text)
 
 
-def _write_paper(uri: str, out_dir: Path) -> Path:
-    from alexnet.report import figures, load, markdown, stats
+def _compared(used: pd.DataFrame, r: ClaimResult) -> pd.DataFrame:
+    """The runs a result compares: its seeds, other axes at their reference arm."""
+    mask = used["seed"].isin(r.seeds)
+    for axis, arm in r.held.items():
+        mask &= used[f"axis.{axis}"] == arm
+    return used[mask]
+
+
+def _write_paper(uri: str, out_dir: Path, grids: Sequence[str]) -> Path:
+    import pandas as pd
+
+    from alexnet.report import figures, load, paper_md, stats
 
     runs = load.load_store(uri, PAPER)
-    used, notes = stats.pick_runs(runs.cells)
-    results = paper_results(runs, used)
-    figures.forest(results, out_dir / PAPER / "deltas.png")
-    text = markdown.paper_report(
-        uri=uri, results=results, experiments=markdown.store_rows(runs, used),
-        problems=stats.problem_runs(runs.cells), notes=notes,
-        figure=f"{PAPER}/deltas.png")
+    selections = select_all(runs, grids)
+    # Only the speed claim needs per-epoch curves (for its interpolated crossings).
+    speed = [e for e, s in selections.items() if "relu_speed" in runs.claims.get(e, [])]
+    ids = pd.concat([selections[e].used["run_id"] for e in speed]) if speed else []
+    history = load.metric_histories(uri, ids, ("train_error",))
+    for sel in selections.values():
+        sel.used = stats.with_crossings(sel.used, history)
+    results = paper_results(runs, selections)
+    figures.save(figures.forest(results), out_dir / PAPER / "deltas.png")
+    problems = pd.concat([stats.problem_runs(s.cells) for s in selections.values()])
+    notes = [f"{e}: {n}" for e, s in selections.items() for n in s.notes]
+    text = paper_md.paper_report(
+        uri=uri, results=results, experiments=paper_md.store_rows(selections, runs.claims),
+        selections=selections, problems=problems, notes=notes, figure=f"{PAPER}/deltas.png")
     return _write(out_dir / f"{PAPER}.md", text)
 
 
-def paper_results(runs: Runs, used: pd.DataFrame) -> list[ClaimResult]:
+def paper_results(runs: Runs, selections: dict[str, Selection]) -> list[ClaimResult]:
     """One result per claim of the paper, from the experiment that tests it.
 
     An experiment tests a claim when its runs are tagged with it (or its ablation file
-    lists it); where several do, the shipped ablation for the claim wins, else the one
-    with the most finished runs, and the row names the others.
+    lists it), or, for the ensemble claim, when its grid has ensemble runs; where several
+    do, the shipped ablation for the claim wins, else the one with the most finished runs
+    in its grid, and the row names the others.
     """
     from alexnet.claims import CLAIMS
-    from alexnet.report import stats
+    from alexnet.report import compare
 
-    cells = runs.cells
     out = []
     for claim in CLAIMS.values():
-        exps = [e for e in runs.experiments if claim.id in runs.claims.get(e, [])]
+        exps = [e for e, s in selections.items() if claim.id in runs.claims.get(e, [])
+                or (claim.axis == "ensemble" and not s.ensembles.empty)]
         if not exps:
             hint = f"; run `ablate run {claim.ablation}`" if claim.ablation else \
                 "; no shipped ablation tests it yet"
-            out.append(stats.not_measured(claim, f"no ablation in the store tests it{hint}"))
+            out.append(compare.not_measured(claim, f"no ablation in the store tests it{hint}"))
             continue
         exp = claim.ablation if claim.ablation in exps else max(
-            exps, key=lambda e: int((used["experiment"] == e).sum()) if not used.empty else 0)
-        mine = used[used["experiment"] == exp] if not used.empty else used
-        r = stats.evaluate_claim(claim, mine, cells[cells["experiment"] == exp],
-                                 runs.reference.get(exp, {}), exp)
+            exps, key=lambda e: len(selections[e].used))
+        r = claim_result(runs, exp, selections[exp], claim.id)
         others = [e for e in exps if e != exp]
         if others:
             r.notes.append(f"also tested by {', '.join(others)} (see their reports)")

@@ -2,17 +2,23 @@
 
 Figures are built as ``matplotlib.figure.Figure`` objects on an explicit Agg canvas rather
 than through pyplot: no global backend switch for whoever imported us, and no figure
-registry to leak into (each figure is closed by dropping it; ``_save`` also clears it).
+registry to leak into (each figure is closed by dropping it; ``save`` also clears it).
+Every drawing function returns its Figure, so that what it drew can be checked.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from alexnet.report.stats import PCT, ClaimResult
+from alexnet.report.compare import ClaimResult
+from alexnet.report.stats import PCT, SPLIT_NAMES, errors, split_of
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 WIDTH, HEIGHT, DPI = 8.0, 4.5, 110  # ~880 px wide: GitHub's content column, no rescaling
 RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
@@ -25,10 +31,10 @@ def _figure(height: float = HEIGHT):  # -> (Figure, Axes)
     return fig, axes[0]
 
 
-def _save(fig: object, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")  # type: ignore[attr-defined]
-    fig.clear()  # type: ignore[attr-defined]
+    fig.savefig(path, format="png")
+    fig.clear()
     return path
 
 
@@ -38,8 +44,8 @@ def _style():  # a context manager: theme for our figures only, not the caller's
     return sns.axes_style("whitegrid")
 
 
-def learning_curves(history: pd.DataFrame, used: pd.DataFrame, path: Path, *, key: str,
-                    order: list[str], target_pct: float | None = None) -> Path:
+def learning_curves(history: pd.DataFrame, used: pd.DataFrame, *, key: str,
+                    order: list[str], target_pct: float | None = None) -> Figure:
     """Error (%) against epoch per arm: mean over seeds, band from min to max seed.
 
     Like the paper's Figure 1 for ``key="train_error"``, with its dashed target line.
@@ -57,7 +63,7 @@ def learning_curves(history: pd.DataFrame, used: pd.DataFrame, path: Path, *, ke
         if df.empty:  # finished runs that logged no per-epoch metrics
             ax.text(0.5, 0.5, "no per-epoch metrics logged", ha="center", va="center",
                     transform=ax.transAxes)
-            return _save(fig, path)
+            return fig
         sns.lineplot(data=df, x="epoch", y="error", hue="arm", hue_order=hue_order,
                      style="arm", style_order=hue_order, markers=True, dashes=False,
                      errorbar=("pi", 100), ax=ax)
@@ -69,16 +75,21 @@ def learning_curves(history: pd.DataFrame, used: pd.DataFrame, path: Path, *, ke
                title=f"{what.capitalize()} error per arm (line: mean over seeds; "
                      "band: lowest to highest seed)")
         ax.legend(title="arm", loc="best")
-        return _save(fig, path)
+        return fig
 
 
-def seed_points(used: pd.DataFrame, path: Path, *, order: list[str]) -> Path:
-    """Final top-1 validation error per arm: one dot per seed, the mean ± sd just below."""
+def seed_points(used: pd.DataFrame, *, order: list[str]) -> Figure:
+    """Final top-1 error per arm on the verdicts' split: one dot per seed, mean ± sd below.
+
+    An error lives in [0, 100]%: the sd bar is cut at both ends rather than drawn below
+    0% (a spread that large says the seeds disagree, not that an error can be negative).
+    """
     import matplotlib as mpl
+    import numpy as np
     import seaborn as sns
 
-    df = used.assign(error=pd.to_numeric(used["final_val_error"], errors="coerce") * PCT,
-                     seed=used["seed"].map(lambda s: f"seed {s}"))
+    split = split_of(used)
+    df = used.assign(error=errors(used, split), seed=used["seed"].map(lambda s: f"seed {s}"))
     df = df[df["error"].notna()]
     arms = [a for a in order if a in set(df["arm"])]
     height = max(3.0, min(HEIGHT * 2, 1.6 + 0.6 * len(arms)))
@@ -87,17 +98,57 @@ def seed_points(used: pd.DataFrame, path: Path, *, order: list[str]) -> Path:
         sns.stripplot(data=df, x="error", y="arm", order=arms, hue="seed", size=8,
                       jitter=0.08, alpha=0.9, ax=ax)
         stats = df.groupby("arm")["error"].agg(["mean", "std"]).reindex(arms)
+        sd = stats["std"].fillna(0).to_numpy()
+        mean = stats["mean"].to_numpy()
+        below, above = np.minimum(sd, mean), np.minimum(sd, PCT - mean)
         ys = [i + 0.3 for i in range(len(arms))]  # under the dots, not on top of them
-        ax.errorbar(stats["mean"], ys, xerr=stats["std"].fillna(0), fmt="D", ms=6,
-                    color=MEASURED_COLOUR, capsize=4, lw=1.5, label="mean ± sd")
+        ax.errorbar(mean, ys, xerr=[below, above], fmt="D", ms=6, color=MEASURED_COLOUR,
+                    capsize=4, lw=1.5, label="mean ± sd (cut at 0% and 100%)")
         ax.set_ylim(len(arms) - 0.5, -0.5)
-        ax.set(xlabel="final top-1 validation error (%)", ylabel="",
-               title="Validation error per arm, one dot per seed")
+        ax.set_xlim(left=max(0.0, ax.get_xlim()[0]), right=min(PCT, ax.get_xlim()[1]))
+        what = SPLIT_NAMES[split]
+        ax.set(xlabel=f"final top-1 {what} error (%)", ylabel="",
+               title=f"{what.capitalize()} error per arm, one dot per seed")
         ax.legend(loc="best")
-        return _save(fig, path)
+        return fig
 
 
-def forest(results: list[ClaimResult], path: Path) -> Path:
+def figure1(history: pd.DataFrame, runs: pd.DataFrame, *, axis: str, arm: str,
+            baseline: str, target_pct: float) -> Figure:
+    """The paper's Figure 1 at this scale: training error against epochs, ``arm`` solid and
+    ``baseline`` dashed (ReLU and tanh in Section 3.1), one line per seed, the target as a
+    dotted line, and a mark where each seed crosses it (``stats.with_crossings``)."""
+    import matplotlib as mpl
+    from matplotlib.ticker import MaxNLocator
+
+    curves = history[history["key"] == "train_error"].merge(
+        runs[["run_id", "seed", f"axis.{axis}"]], on="run_id")
+    colours = {arm: "black", baseline: "#1f77b4"}
+    with _style(), mpl.rc_context(RC):
+        fig, ax = _figure()
+        for name, style in ((arm, "-"), (baseline, "--")):
+            mine = curves[curves[f"axis.{axis}"] == name]
+            seeds = sorted(mine["seed"].dropna().unique())
+            label = f"{axis}={name} ({len(seeds)} seeds)"
+            for i, seed in enumerate(seeds):
+                line = mine[mine["seed"] == seed].sort_values("epoch")
+                ax.plot(line["epoch"], line["value"] * PCT, style, color=colours[name], lw=1.6,
+                        marker="o", ms=3, alpha=0.85, label=label if i == 0 else None)
+            cross = runs.loc[(runs[f"axis.{axis}"] == name), "crossing_epoch"].dropna() \
+                if "crossing_epoch" in runs else pd.Series(dtype=float)
+            ax.plot(cross, [target_pct] * len(cross), "|", color=colours[name], ms=14, mew=2)
+        ax.axhline(target_pct, ls=":", lw=1.2, color="0.35", label=f"{target_pct:g}% target")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epochs", ylabel="training error rate (%)",
+               title=f"Figure 1 at this scale: {arm} (solid) and {baseline} (dashed); "
+                     "| = crossing")
+        ax.legend(loc="upper right")
+        return fig
+
+
+def forest(results: list[ClaimResult]) -> Figure:
     """Measured delta with its 95% interval beside the paper's (and Mishkin et al.'s)
     figure, one row per claim. Error deltas (pp) and the speed ratio (×) have different
     units, so they get separate panels; the ratio on a log axis."""
@@ -122,7 +173,7 @@ def forest(results: list[ClaimResult], path: Path) -> Path:
                                   label="Mishkin et al. 2016"))
         axes[0].legend(handles=handles, loc="best")
         axes[0].set_title("Measured effect against the paper's, one row per claim")
-        return _save(fig, path)
+        return fig
 
 
 def _panels(height: float, sizes: list[int]):  # -> (Figure, [Axes]), panels stacked
@@ -178,4 +229,4 @@ def _forest_panel(ax: object, kind: str, results: list[ClaimResult]) -> None:
         span = max(1.0, max(abs(x) for x in finite))
         ax.set_xlim(-1.15 * span, 1.15 * span)
         ax.set_xlabel("arm − baseline (percentage points of top-1 error, or of the "
-                      "val − train gap)")
+                      "error − training error gap)")

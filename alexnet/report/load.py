@@ -1,16 +1,15 @@
 """Read an ablation's runs out of MLflow into pandas: the report's only input.
 
-Everything here talks to the store; nothing here computes a statistic. The frames it
-returns have plain column names (``arm``, ``seed``, ``final_val_error``, ``axis.norm``,
-``params.optim.lr``) so that ``stats`` can be tested on hand-made frames.
+Everything here talks to the store, through MLflow's public client only; nothing here
+computes a statistic. The frames it returns have plain column names (``arm``, ``seed``,
+``grid_key``, ``final_val_error``, ``axis.norm``, ``params.optim.lr``) so that the
+statistics can be tested on hand-made frames.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,31 @@ from alexnet.errors import StoreError
 HISTORY_KEYS = ("train_error", "val_error")  # what the learning-curve figures draw
 CELL_FILTER = "tags.`ablate.kind` = 'cell'"
 GRID_FILTER = "tags.`ablate.kind` = 'grid'"
-_TAGS = ("ablation", "arm", "seed", "cell_key", "claims", "git_commit", "dataset_fingerprint",
-         "device", "tuned", "failure_reason", "diverged", "ablate.heartbeat_ms")
+ENSEMBLE_FILTER = "tags.`ablate.kind` = 'ensemble'"
+PAGE = 50_000  # MLflow's largest page of search results
+# tag -> column; tags not listed keep their own name
+_TAGS = {"ablation": "ablation", "arm": "arm", "seed": "seed", "cell_key": "cell_key",
+         "ablate.grid_key": "grid_key", "mlflow.parentRunId": "parent_run_id",
+         "claims": "claims", "git_commit": "git_commit",
+         "dataset_fingerprint": "dataset_fingerprint", "device": "device", "tuned": "tuned",
+         "failure_reason": "failure_reason", "diverged": "diverged",
+         "ablate.heartbeat_ms": "ablate.heartbeat_ms", "command": "command",
+         "members": "members", "seeds": "seeds", "split": "split"}
+GRID_COLUMNS = ["run_id", "experiment", "status", "start_time", "command", "grid_key",
+                "cells"]
+ENSEMBLE_COLUMNS = ["run_id", "experiment", "status", "start_time", "arm", "grid_key",
+                    "members", "seeds", "split", "ensemble_error", "ensemble_error_top5"]
 
 
 @dataclass
 class Runs:
-    """The cell runs of one or more experiments (every status), and what goes with them."""
+    """The runs of one or more experiments (every status), and what goes with them."""
 
     uri: str
     experiments: dict[str, str]  # name -> experiment id
     cells: pd.DataFrame  # one row per cell run, every status
-    grids: pd.DataFrame  # the grids' parent runs (run_id, experiment)
-    history: pd.DataFrame  # run_id, key, epoch, value: per-epoch metrics of finished runs
+    grids: pd.DataFrame  # the grids' parent runs: GRID_COLUMNS
+    ensembles: pd.DataFrame  # averaged-softmax runs (Section 6): ENSEMBLE_COLUMNS + axis.*
     claims: dict[str, list[str]]  # experiment -> the claim ids it tests
     reference: dict[str, dict[str, str]]  # experiment -> axis -> reference arm
     arm_order: dict[str, list[str]] = field(default_factory=dict)  # experiment -> arm labels
@@ -44,7 +55,7 @@ class Runs:
 
 
 def load_runs(name: str, uri: str) -> Runs:
-    """Every cell run of the ablation ``name`` (its experiment has the same name)."""
+    """Every run of the ablation ``name`` (its experiment has the same name)."""
     _check_exists(name, uri)
     c = store.client(uri, create=False)
     exp = c.get_experiment_by_name(name)
@@ -60,13 +71,24 @@ def load_store(uri: str, name: str = "paper") -> Runs:
     """Every experiment in the store that holds cell runs (for the summary over claims)."""
     _check_exists(name, uri)
     c = store.client(uri, create=False)
-    exps = {e.name: e.experiment_id for e in c.search_experiments(max_results=10000)}
-    runs = _load(c, uri, exps, with_history=False)  # the summary draws no learning curves
+    exps = {e.name: e.experiment_id for e in _experiments(c)}
+    runs = _load(c, uri, exps)
     if runs.cells.empty:
         raise StoreError(f"no runs of ablation {name} in {uri}; run `ablate run {name}` first")
     keep = sorted(runs.cells["experiment"].unique())
     runs.experiments = {n: exps[n] for n in keep}
     return runs
+
+
+def _experiments(c: Any) -> list[Any]:
+    """Every active experiment, page by page."""
+    found, token = [], None
+    while True:
+        page = c.search_experiments(max_results=PAGE, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def _check_exists(name: str, uri: str) -> None:
@@ -76,26 +98,48 @@ def _check_exists(name: str, uri: str) -> None:
         raise StoreError(f"no runs of ablation {name} in {uri}; run `ablate run {name}` first")
 
 
-def _load(c: Any, uri: str, experiments: dict[str, str], with_history: bool = True) -> Runs:
-    names = list(experiments)
-    with _using_uri(uri):
-        import mlflow
+def search(c: Any, experiment_ids: list[str], filter_string: str) -> pd.DataFrame:
+    """``MlflowClient.search_runs`` page by page, as a frame shaped like
+    ``mlflow.search_runs``' (``tags.X``, ``params.X``, ``metrics.X``), built here so that
+    the client's own tracking URI is used and no global state is touched."""
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token)
+        rows.extend(_flat(r) for r in page)
+        token = page.token
+        if not token:
+            return pd.DataFrame.from_records(rows)
 
-        # One search per run kind over all experiments: the report costs a handful of
-        # calls whatever the size of the grid.
-        cells = mlflow.search_runs(experiment_names=names, filter_string=CELL_FILTER,
-                                   output_format="pandas", max_results=100000)
-        grids = mlflow.search_runs(experiment_names=names, filter_string=GRID_FILTER,
-                                   output_format="pandas", max_results=10000)
+
+def _flat(run: Any) -> dict[str, Any]:
+    info, data = run.info, run.data
+    row: dict[str, Any] = {"run_id": info.run_id, "experiment_id": info.experiment_id,
+                           "status": info.status, "start_time": _time(info.start_time),
+                           "end_time": _time(info.end_time)}
+    row.update({f"tags.{k}": v for k, v in data.tags.items()})
+    row.update({f"params.{k}": v for k, v in data.params.items()})
+    row.update({f"metrics.{k}": v for k, v in data.metrics.items()})
+    return row
+
+
+def _time(ms: int | None) -> pd.Timestamp:
+    return pd.to_datetime(ms, unit="ms", utc=True) if ms else pd.NaT
+
+
+def _load(c: Any, uri: str, experiments: dict[str, str]) -> Runs:
+    ids = list(experiments.values())
     by_id = {v: k for k, v in experiments.items()}
-    cells = normalise(cells, by_id)
-    grid_columns = ["run_id", "experiment", "status", "start_time", "command"]
-    grids = grids.assign(experiment=grids["experiment_id"].map(by_id),
-                         command=grids.get("tags.command"))[grid_columns] \
-        if not grids.empty else pd.DataFrame(columns=grid_columns)
-    finished = cells.loc[cells["status"] == "FINISHED", "run_id"].tolist() \
-        if with_history and not cells.empty else []
-    history = metric_histories(c, finished, HISTORY_KEYS)
+    # One search per run kind over all experiments, in parallel: the report costs a
+    # handful of calls whatever the size of the grid.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        found = list(pool.map(lambda f: search(c, ids, f),
+                              (CELL_FILTER, GRID_FILTER, ENSEMBLE_FILTER)))
+    cells, grids, ensembles = (normalise(df, by_id) for df in found)
+    grids = grids.assign(cells=pd.to_numeric(grids.get("params.cells"), errors="coerce")) \
+        .reindex(columns=GRID_COLUMNS)
+    ensembles = ensembles.reindex(columns=[*ENSEMBLE_COLUMNS, *(
+        col for col in ensembles.columns if col.startswith("axis."))])
     present = sorted(cells["experiment"].unique()) if not cells.empty else []
     claims, reference, order, titles = {}, {}, {}, {}
     for exp in present:
@@ -103,22 +147,22 @@ def _load(c: Any, uri: str, experiments: dict[str, str], with_history: bool = Tr
         claims[exp], reference[exp], order[exp], title = _ablation_facts(exp, mine)
         if title:
             titles[exp] = title
-    return Runs(uri, experiments, cells, grids, history, claims, reference, order, titles)
+    return Runs(uri, experiments, cells, grids, ensembles, claims, reference, order, titles)
 
 
 def normalise(df: pd.DataFrame, exp_names: dict[str, str]) -> pd.DataFrame:
-    """mlflow.search_runs' frame → plain columns: tags by name, metrics without prefix."""
+    """A search frame → plain columns: tags by name, metrics without prefix, params kept."""
+    base = ["run_id", "experiment", "status", "start_time", "end_time", *_TAGS.values()]
     if df.empty:
-        return pd.DataFrame(columns=["run_id", "experiment", "status", "arm", "seed"])
+        return pd.DataFrame(columns=base)
     out = pd.DataFrame({"run_id": df["run_id"], "status": df["status"],
-                        "start_time": df["start_time"],
+                        "start_time": df["start_time"], "end_time": df["end_time"],
                         "experiment": df["experiment_id"].map(exp_names)})
-    for tag in _TAGS:
-        col = f"tags.{tag}"
-        out[tag] = df.get(col)
+    for tag, col in _TAGS.items():
+        out[col] = df.get(f"tags.{tag}")
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce").astype("Int64")
-    out["tuned"] = out["tuned"].fillna("false").astype(str).str.lower().eq("true")
-    out["diverged"] = out["diverged"].fillna("false").astype(str).str.lower().eq("true")
+    for flag in ("tuned", "diverged"):
+        out[flag] = out[flag].fillna("false").astype(str).str.lower().eq("true")
     extra = {}
     for col in df.columns:
         if col.startswith("tags.axis."):
@@ -131,23 +175,16 @@ def normalise(df: pd.DataFrame, exp_names: dict[str, str]) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def metric_histories(c: Any, run_ids: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+def metric_histories(uri: str, run_ids: Iterable[str], keys: Iterable[str]) -> pd.DataFrame:
     """Per-epoch values of ``keys`` for ``run_ids``: run_id, key, epoch, value.
 
-    A SQL store answers one query per metric for all runs (get_metric_history_bulk); a
-    tracking server has no public bulk endpoint for full histories, so there it is one
-    request per run and metric, issued concurrently.
+    MLflow's public client reads one run's metric at a time; the requests go out
+    concurrently (a tracking server answers them in parallel, SQLite serves reads).
     """
+    pairs = [(r, k) for r in dict.fromkeys(run_ids) for k in keys]
     rows: list[tuple[str, str, int, float, int]] = []
-    store = getattr(getattr(c, "_tracking_client", None), "store", None)
-    bulk = getattr(store, "get_metric_history_bulk", None)
-    if run_ids and bulk is not None:
-        for key in keys:
-            for i in range(0, len(run_ids), 500):  # keep SQL's IN (...) list bounded
-                for m in bulk(run_ids[i:i + 500], key, 10_000_000):
-                    rows.append((m.run_id, key, m.step, m.value, m.timestamp))
-    elif run_ids:
-        pairs = [(r, k) for r in run_ids for k in keys]
+    if pairs:
+        c = store.client(uri, create=False)
         with ThreadPoolExecutor(max_workers=8) as pool:
             for (r, k), hist in zip(pairs, pool.map(lambda p: c.get_metric_history(*p), pairs),
                                     strict=True):
@@ -188,23 +225,3 @@ def _ablation_facts(exp: str, cells: pd.DataFrame
             if not counts.empty:
                 reference[axis] = sorted(counts.index, key=lambda a: (-counts[a], a))[0]
     return claims, reference, order, ablation.title if ablation is not None else None
-
-
-@contextmanager
-def _using_uri(uri: str) -> Iterator[None]:
-    """mlflow.search_runs reads the global tracking URI; set it for the call only and put
-    back both the global and MLFLOW_TRACKING_URI (mlflow writes that variable too)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    old_global = utils._tracking_uri  # private, but the only way to see "unset"
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)  # None unsets the variable; restored below
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env

@@ -2,29 +2,30 @@
 
 Input frames have one row per cell run with the columns ``load.normalise`` produces:
 ``arm``, ``seed``, ``status``, ``tuned``, ``axis.<axis>``, the final metrics as fractions
-(``final_val_error``, ...) and the run's params (``params.optim.lr``, ...). Everything
-returned is in percent / percentage points, the report's units.
+(``final_val_error``, ``test_error``, ...) and the run's params (``params.optim.lr``, ...).
+Everything returned is in percent / percentage points, the report's units.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from alexnet.claims import Claim
-
 CONFIDENCE = 0.95
 PCT = 100.0
 IN_PROGRESS = ("RUNNING", "SCHEDULED")
-# Params that set the scale of a run (not its design choice): runs of one experiment at
-# another scale (a --quick run beside a full one) are not averaged together.
-SCALE_PARAMS = ("params.data.source", "params.data.max_train", "params.data.image_size",
-                "params.train.epochs")
+DEFAULT_TARGET = 0.25  # Figure 1's line, where a run does not record its own
+# The error columns of each split. Validation is carved from the training set and steers
+# schedules and sweeps; a held-out test split, when the data has one, is scored once at
+# the end and carries the verdicts.
+SPLITS = {"test": ("test_error", "test_error_top5"),
+          "val": ("final_val_error", "final_val_error_top5")}
+SPLIT_NAMES = {"test": "test", "val": "validation", "train": "training"}
 
 # "reproduced" | "contradicted" | "inconclusive" | "inconclusive (why)" | "not measured"
 Verdict = str
@@ -44,12 +45,21 @@ class Interval:
     def has_interval(self) -> bool:
         return self.n >= 2 and math.isfinite(self.low) and math.isfinite(self.high)
 
+    @property
+    def zero_width(self) -> bool:
+        return self.has_interval and self.low == self.high
+
     def contains(self, value: float) -> bool:
         return self.has_interval and self.low <= value <= self.high
 
 
-def t_interval(values: np.ndarray | list[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean and Student-t interval of ``values`` (nan ignored); no interval below two."""
+def t_interval(values: np.ndarray | list[float] | pd.Series,
+               confidence: float = CONFIDENCE) -> Interval:
+    """Mean and Student-t interval of ``values`` (nan ignored); no interval below two.
+
+    Identical values have no spread: the interval is the point itself (scipy would answer
+    nan for a zero scale), and the report says why it has no width.
+    """
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     n = len(x)
@@ -58,8 +68,11 @@ def t_interval(values: np.ndarray | list[float], confidence: float = CONFIDENCE)
     mean = float(x.mean())
     if n < 2:
         return Interval(mean, math.nan, math.nan, 1)
-    half = float(sps.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    sem = float(sps.sem(x))
+    if sem == 0:
+        return Interval(mean, mean, mean, n)
+    low, high = sps.t.interval(confidence, n - 1, loc=mean, scale=sem)
+    return Interval(mean, float(low), float(high), n)
 
 
 def ratio_interval(baseline: np.ndarray | list[float], arm: np.ndarray | list[float],
@@ -84,49 +97,56 @@ def verdict(iv: Interval, direction: Literal["lower", "higher"], null: float = 0
     return "inconclusive"
 
 
-# --- which runs count ----------------------------------------------------------------------
+# --- which split ---------------------------------------------------------------------------
 
 
-def pick_runs(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The finished runs a report averages: one per (experiment, arm, seed).
+def split_of(runs: pd.DataFrame) -> Literal["test", "val"]:
+    """"test" when every run has a test error, else "val": a comparison never mixes them."""
+    has = "test_error" in runs and len(runs) and bool(runs["test_error"].notna().all())
+    return "test" if has else "val"
 
-    A cell may have several finished runs (rerun with --force, tuned after untuned, a
-    --quick grid beside a full one). Runs at the scale of the most recent finished run
-    are kept; of those a tuned run beats an untuned one, then the latest wins. Returns the
-    runs and one note per kind of run left out, so nothing disappears silently.
+
+def errors(runs: pd.DataFrame, split: str, top5: bool = False) -> pd.Series:
+    """Final top-1 (or top-5) error of ``split`` in %."""
+    return col(runs, SPLITS[split][1 if top5 else 0]) * PCT
+
+
+# --- epochs to the training-error target ---------------------------------------------------
+
+
+def with_crossings(used: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """``used`` plus the epoch at which each run's training error first reached its target.
+
+    Training error is logged once per epoch, so the logged ``epochs_to_target`` has a
+    resolution of one epoch (and equal counts give zero-width intervals). Here the crossing
+    of the target line is interpolated linearly between the last epoch above it and the
+    first at or below it. Nothing is measured before epoch 1 (no epoch 0 is assumed): a run
+    already at or below the target after its first logged epoch gets that epoch, marked
+    ``crossing_first`` — an upper bound, treated as censored like a run that never reached
+    the target. Runs without a per-epoch history fall back to the whole-epoch count.
+
+    Adds ``crossing_epoch`` (nan: never reached), ``crossing_first``, ``crossing_interpolated``.
     """
-    done = cells[cells["status"] == "FINISHED"]
-    if done.empty:
-        return done.copy(), []
-    notes: list[str] = []
-    kept = []
-    for exp, runs in done.groupby("experiment", sort=False):
-        runs = runs.sort_values("start_time")
-        scale = [p for p in SCALE_PARAMS if p in runs and not _set_by_arm(runs, p)]
-        if scale:
-            sig = runs[scale].astype(str).agg("|".join, axis=1)
-            other = runs[sig != sig.iloc[-1]]
-            if len(other):
-                latest = runs.iloc[-1]
-                what = ", ".join(f"{p[len('params.'):]}={latest[p]}" for p in scale)
-                notes.append(f"{exp}: {len(other)} finished run(s) at another scale left out "
-                             f"(this report uses {what})")
-            runs = runs[sig == sig.iloc[-1]]
-        ranked = runs.assign(_t=runs["tuned"].astype(int)).sort_values(["_t", "start_time"])
-        best = ranked.drop_duplicates(["arm", "seed"], keep="last").drop(columns="_t")
-        superseded = len(runs) - len(best)
-        if superseded:
-            notes.append(f"{exp}: {superseded} earlier or untuned finished run(s) of a cell "
-                         "superseded by a later or tuned run of the same arm and seed")
-        kept.append(best)
-    return pd.concat(kept).reset_index(drop=True), notes
-
-
-def _set_by_arm(runs: pd.DataFrame, param: str) -> bool:
-    """True when ``param`` is a design choice of the ablation (one value per arm, differing
-    between arms), so that it must not count as a difference of scale."""
-    per_arm = runs.groupby("arm")[param].nunique(dropna=False)
-    return bool((per_arm == 1).all() and runs[param].nunique(dropna=False) > 1)
+    out = used.copy()
+    target = col(out, "params.train.target_train_error").fillna(DEFAULT_TARGET)
+    h = history[history["key"] == "train_error"] if not history.empty else history
+    h = h.merge(pd.DataFrame({"run_id": out["run_id"], "target": target}), on="run_id") \
+        if not h.empty else pd.DataFrame(columns=["run_id", "epoch", "value", "target"])
+    h = h.sort_values(["run_id", "epoch"])
+    h = h.assign(prev_epoch=h.groupby("run_id")["epoch"].shift(),
+                 prev_value=h.groupby("run_id")["value"].shift())
+    first = h[h["value"] <= h["target"]].groupby("run_id").head(1).set_index("run_id")
+    frac = (first["prev_value"] - first["target"]) / (first["prev_value"] - first["value"])
+    at = (first["prev_epoch"] + frac * (first["epoch"] - first["prev_epoch"])).fillna(
+        first["epoch"].astype(float))
+    logged = out["run_id"].isin(set(h["run_id"]))
+    whole = col(out, "epochs_to_target")
+    out["crossing_epoch"] = np.where(logged, out["run_id"].map(at).astype(float), whole)
+    first_epoch = out["run_id"].map(first["prev_epoch"].isna())
+    out["crossing_first"] = np.where(logged, first_epoch.fillna(False).astype(bool),
+                                     whole == 1)
+    out["crossing_interpolated"] = logged.to_numpy()
+    return out
 
 
 # --- per arm -------------------------------------------------------------------------------
@@ -136,44 +156,52 @@ def arm_table(used: pd.DataFrame, cells: pd.DataFrame,
               order: list[str] | None = None) -> pd.DataFrame:
     """One row per arm: mean and sd over seeds (errors in %), seeds, lr / wd, problem runs.
 
-    ``used`` are the finished runs the numbers come from (``pick_runs``); ``cells`` are
-    all runs, for the counts of failed, interrupted and in-progress ones.
+    ``used`` are the finished runs the numbers come from (one grid), ``cells`` all runs
+    of that grid, for the counts of failed, interrupted and in-progress ones. The gap is
+    the verdicts' split (test where every run has it) minus training error.
     """
-    arms = list(dict.fromkeys([*(order or []), *cells["arm"].dropna()]))
-    arms = [a for a in arms if a in set(cells["arm"])]
-    rows = []
-    for arm in arms:
-        u = used[used["arm"] == arm]
-        everything = cells[cells["arm"] == arm]
-        row: dict[str, object] = {"arm": arm, "seeds": len(u),
-                                  "seed_list": sorted(int(s) for s in u["seed"].dropna())}
-        for name, values in (("top1", _col(u, "final_val_error") * PCT),
-                             ("top5", _col(u, "final_val_error_top5") * PCT),
-                             ("train", _col(u, "final_train_error") * PCT),
-                             ("gap", (_col(u, "final_val_error") - _col(u, "final_train_error"))
-                              * PCT),
-                             ("epoch_s", _col(u, "mean_epoch_seconds"))):
-            row[f"{name}_mean"], row[f"{name}_sd"] = _mean_sd(values)
-        ett = _col(u, "epochs_to_target")
-        row["ett_mean"], row["ett_sd"] = _mean_sd(ett)
-        row["ett_reached"] = int(ett.notna().sum())
-        row["lr"] = _distinct(u, "params.optim.lr")
-        row["weight_decay"] = _distinct(u, "params.optim.weight_decay")
-        row["tuned"] = bool(len(u)) and bool(u["tuned"].all())
-        row["partly_tuned"] = bool(u["tuned"].any()) and not row["tuned"]
-        row["failed"] = int((everything["status"] == "FAILED").sum())
-        row["diverged"] = int(((everything["status"] == "FAILED") & everything["diverged"]).sum())
-        row["killed"] = int((everything["status"] == "KILLED").sum())
-        row["running"] = int(everything["status"].isin(IN_PROGRESS).sum())
-        rows.append(row)
-    return pd.DataFrame(rows)
+    split = split_of(used)
+    u = used.assign(
+        top1=errors(used, "val"), top5=errors(used, "val", top5=True),
+        test1=errors(used, "test"), test5=errors(used, "test", top5=True),
+        train=col(used, "final_train_error") * PCT,
+        epoch_s=col(used, "mean_epoch_seconds"),
+        ett=col(used, "crossing_epoch") if "crossing_epoch" in used
+        else col(used, "epochs_to_target"),
+        ett_first=used.get("crossing_first", False),
+        lr=used.get("params.optim.lr"), weight_decay=used.get("params.optim.weight_decay"))
+    u["gap"] = errors(u, split) - u["train"]
+    numbers = ["top1", "top5", "test1", "test5", "train", "gap", "epoch_s", "ett"]
+    stats = u.groupby("arm").agg(
+        seeds=("seed", "size"), seed_list=("seed", lambda s: sorted(int(x) for x in s)),
+        ett_reached=("ett", "count"), ett_first=("ett_first", "sum"),
+        lr=("lr", _distinct), weight_decay=("weight_decay", _distinct),
+        tuned=("tuned", "all"), any_tuned=("tuned", "any"),
+        **{f"{n}_mean": (n, "mean") for n in numbers}, **{f"{n}_sd": (n, "std") for n in numbers})
+    state = cells.assign(
+        failed=cells["status"] == "FAILED",
+        diverged=(cells["status"] == "FAILED") & cells["diverged"].astype(bool),
+        killed=cells["status"] == "KILLED", running=cells["status"].isin(IN_PROGRESS))
+    counts = state.groupby("arm")[["failed", "diverged", "killed", "running"]].sum()
+    arms = [a for a in dict.fromkeys([*(order or []), *cells["arm"].dropna()])
+            if a in counts.index]
+    table = counts.join(stats, how="left").reindex(arms)
+    table["seeds"] = table["seeds"].fillna(0).astype(int)
+    table["seed_list"] = [v if isinstance(v, list) else [] for v in table["seed_list"]]
+    table["tuned"] = table["tuned"].fillna(False).astype(bool) & (table["seeds"] > 0)
+    table["partly_tuned"] = table["any_tuned"].fillna(False).astype(bool) & ~table["tuned"]
+    for name in ("ett_reached", "ett_first", "failed", "diverged", "killed", "running"):
+        table[name] = table[name].fillna(0).astype(int)
+    table[["lr", "weight_decay"]] = table[["lr", "weight_decay"]].fillna("")
+    table["split"] = split
+    return table.drop(columns="any_tuned").rename_axis("arm").reset_index()
 
 
 def problem_runs(cells: pd.DataFrame) -> pd.DataFrame:
     """Runs not in the averages: failed, diverged, interrupted, still running."""
     bad = cells[cells["status"] != "FINISHED"].copy()
     bad["what"] = np.where(bad["status"].isin(IN_PROGRESS), "in progress",
-                           np.where(bad["diverged"], "diverged",
+                           np.where(bad["diverged"].astype(bool), "diverged",
                                     bad["status"].str.lower()))
     # A failure followed by a finished run of the same arm and seed was fixed by a rerun.
     done = cells[cells["status"] == "FINISHED"]
@@ -188,23 +216,14 @@ def problem_runs(cells: pd.DataFrame) -> pd.DataFrame:
     return bad[cols].sort_values(["experiment", "arm", "seed"]).reset_index(drop=True)
 
 
-def _col(df: pd.DataFrame, name: str) -> pd.Series:
+def col(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[name], errors="coerce") if name in df else pd.Series(
         np.nan, index=df.index, dtype=float)
 
 
-def _mean_sd(values: pd.Series) -> tuple[float, float]:
-    v = values.dropna()
-    if v.empty:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
-
-
-def _distinct(df: pd.DataFrame, col: str) -> str:
-    if col not in df or df.empty:
-        return ""
-    values = sorted({_short(str(v)) for v in df[col].dropna()}, key=_as_number)
-    return ", ".join(values)
+def _distinct(values: pd.Series) -> str:
+    shown = sorted({_short(str(v)) for v in values.dropna()}, key=_as_number)
+    return ", ".join(shown)
 
 
 def _short(text: str) -> str:
@@ -218,189 +237,3 @@ def _as_number(text: str) -> float:
         return float(text)
     except ValueError:
         return math.inf
-
-
-# --- claims --------------------------------------------------------------------------------
-
-
-@dataclass
-class ClaimResult:
-    """One row of the delta table: the paired comparison a claim asks for."""
-
-    claim: Claim
-    experiment: str | None
-    kind: Literal["delta", "ratio"]
-    interval: Interval  # arm − baseline in pp, or the ratio baseline/arm
-    verdict: Verdict
-    seeds: list[int] = field(default_factory=list)  # the paired seeds
-    missing: str | None = None  # why nothing was measured
-    notes: list[str] = field(default_factory=list)
-    held: dict[str, str] = field(default_factory=dict)  # other axes at their reference arm
-    top5: Interval | None = None  # arm − baseline of top-5 error (pp), where the paper has one
-    bound: Literal["lower", "upper"] | None = None  # censored runs make the ratio a bound
-    target_pct: float = 25.0  # the training-error target, for relu_speed
-
-    @property
-    def null(self) -> float:
-        return 1.0 if self.kind == "ratio" else 0.0
-
-    @property
-    def paper_value(self) -> float | None:
-        return self.claim.paper_delta
-
-    @property
-    def reproduction_value(self) -> float | None:
-        """Mishkin et al.'s figure where it measures what this row measures (top-1 error
-        of the same two arms); their relu and dropout numbers are final accuracies of
-        other comparisons, shown as text only."""
-        c = self.claim
-        return c.reproduction_delta if c.metric == "val_error" else None
-
-    def agreement(self) -> dict[str, str]:
-        """Whose published figure this measurement agrees with, and how far.
-
-        "size": the figure lies inside the 95% interval; "direction": it does not, but the
-        interval excludes no effect on the figure's side. A claim the paper states only in
-        words agrees in direction when the verdict is "reproduced".
-        """
-        out: dict[str, str] = {}
-        if not self.interval.has_interval:
-            return out
-        figures = {"paper": self.paper_value, "Mishkin et al.": self.reproduction_value}
-        for who, value in figures.items():
-            if value is None:
-                if who == "paper" and self.verdict == "reproduced":
-                    out[who] = "direction"
-            elif self.interval.contains(value):
-                out[who] = "size"
-            elif (value - self.null) * (self.interval.low - self.null) > 0 and \
-                    (value - self.null) * (self.interval.high - self.null) > 0:
-                out[who] = "direction"
-        return out
-
-
-def not_measured(claim: Claim, why: str, experiment: str | None = None) -> ClaimResult:
-    kind: Literal["delta", "ratio"] = "ratio" if claim.metric == "epochs_to_target_ratio" \
-        else "delta"
-    return ClaimResult(claim, experiment, kind, Interval(math.nan, math.nan, math.nan, 0),
-                       "not measured", missing=why)
-
-
-def evaluate_claim(claim: Claim, used: pd.DataFrame, cells: pd.DataFrame,
-                   reference: dict[str, str], experiment: str | None = None,
-                   confidence: float = CONFIDENCE) -> ClaimResult:
-    """Pair arm and baseline runs of ``claim`` by seed and compare them.
-
-    ``used`` are the finished runs of one experiment (``pick_runs``), ``cells`` all of its
-    runs (to say why an arm is missing). Other axes are held at their ``reference`` arm.
-    """
-    col = f"axis.{claim.axis}"
-    result = not_measured(claim, "", experiment)
-    result.missing = None
-    kind = result.kind
-    if col not in cells or cells[col].isna().all():
-        result.missing = f"no runs vary axis '{claim.axis}'"
-        return result
-    result.held = {a: r for a, r in reference.items()
-                   if a != claim.axis and f"axis.{a}" in cells}
-    if col in used:
-        mask = used[col].isin([claim.arm, claim.baseline])
-        for axis, arm in result.held.items():
-            mask &= used[f"axis.{axis}"] == arm if f"axis.{axis}" in used else False
-        sel = used[mask]
-    else:  # nothing finished yet
-        sel = pd.DataFrame(columns=[col, "seed"])
-    arm_runs = sel[sel[col] == claim.arm].set_index("seed")
-    base_runs = sel[sel[col] == claim.baseline].set_index("seed")
-    absent = [_why_absent(cells, col, name, result.held)
-              for name, runs in ((claim.arm, arm_runs), (claim.baseline, base_runs))
-              if runs.empty]
-    if absent:
-        result.missing = "; ".join(absent)
-        return result
-    seeds = sorted(set(arm_runs.index) & set(base_runs.index))
-    for name, runs in ((claim.arm, arm_runs), (claim.baseline, base_runs)):
-        alone = sorted(set(runs.index) - set(seeds))
-        if alone:
-            result.notes.append(f"seed(s) {', '.join(map(str, alone))} only in "
-                                f"{claim.axis}={name}: not paired")
-    if not seeds:
-        result.missing = "no seed finished in both arms"
-        return result
-    a, b = arm_runs.loc[seeds], base_runs.loc[seeds]
-    result.seeds = [int(s) for s in seeds]
-    if kind == "ratio":
-        _ratio(result, a, b, confidence)
-    else:
-        if claim.metric == "gap":
-            diff = ((_col(a, "final_val_error") - _col(a, "final_train_error"))
-                    - (_col(b, "final_val_error") - _col(b, "final_train_error"))) * PCT
-        else:
-            diff = (_col(a, "final_val_error") - _col(b, "final_val_error")) * PCT
-        result.interval = t_interval(diff.to_numpy(), confidence)
-        if claim.paper_delta_top5 is not None:
-            top5 = (_col(a, "final_val_error_top5") - _col(b, "final_val_error_top5")) * PCT
-            result.top5 = t_interval(top5.to_numpy(), confidence)
-        result.verdict = verdict(result.interval, claim.direction)
-    if result.interval.n == 0:
-        result.missing = "the paired runs lack the metric"
-    return result
-
-
-def _why_absent(cells: pd.DataFrame, col: str, arm: str, held: dict[str, str]) -> str:
-    """"arm norm=none was never run", or "no finished run of norm=none (2 failed)"."""
-    label = f"{col[len('axis.'):]}={arm}"
-    mask = cells[col] == arm
-    for axis, ref in held.items():
-        mask &= cells[f"axis.{axis}"] == ref
-    where = f" with {', '.join(f'{a}={r}' for a, r in held.items())}" if held else ""
-    runs = cells[mask]
-    if runs.empty:
-        return f"arm {label} missing: never run{where}"
-    counts = runs["status"].str.lower().replace({"scheduled": "running"}).value_counts()
-    said = ", ".join(f"{n} {s}" for s, n in counts.items())
-    return f"arm {label} missing: no finished run{where} ({said})"
-
-
-def _ratio(result: ClaimResult, a: pd.DataFrame, b: pd.DataFrame, confidence: float) -> None:
-    """Epochs to the training-error target, baseline ÷ arm, per seed.
-
-    A run that never reached the target is censored: it would have needed more than the
-    epochs it ran. Its pair enters with that bound, which makes the ratio a lower bound
-    (baseline never reached) or an upper bound (arm never reached); a pair where neither
-    reached carries no information and is dropped. A verdict in the bound's favour still
-    holds; one against it is inconclusive.
-    """
-    claim = result.claim
-    target = _col(a, "params.train.target_train_error").dropna()
-    if not target.empty:
-        result.target_pct = float(target.iloc[0]) * PCT
-    ea, eb = _col(a, "epochs_to_target"), _col(b, "epochs_to_target")
-    ca, cb = _col(a, "epochs_completed"), _col(b, "epochs_completed")
-    arm_never, base_never = ea.isna(), eb.isna()
-    both = arm_never & base_never
-    if both.any():
-        result.notes.append(f"{int(both.sum())} seed pair(s) where neither arm reached "
-                            f"{result.target_pct:.0f}% training error: dropped")
-    if base_never.any() and not both.all():
-        result.notes.append(f"{claim.axis}={claim.baseline} never reached "
-                            f"{result.target_pct:.0f}% training error in "
-                            f"{int((base_never & ~both).sum())} of {len(eb)} seed(s); "
-                            "its epochs count as at least those it ran")
-    if arm_never.any() and not both.all():
-        result.notes.append(f"{claim.axis}={claim.arm} never reached "
-                            f"{result.target_pct:.0f}% training error in "
-                            f"{int((arm_never & ~both).sum())} of {len(ea)} seed(s)")
-    keep = ~both
-    num = eb.where(~base_never, cb)[keep]
-    den = ea.where(~arm_never, ca)[keep]
-    lower, upper = bool((base_never & keep).any()), bool((arm_never & keep).any())
-    result.bound = "lower" if lower and not upper else "upper" if upper and not lower else None
-    result.interval = ratio_interval(num.to_numpy(), den.to_numpy(), confidence)
-    v = verdict(result.interval, claim.direction, null=1.0)
-    favours_higher = v == "reproduced" if claim.direction == "higher" else v == "contradicted"
-    against_bound = (lower and not favours_higher) or (upper and favours_higher)
-    if v in ("reproduced", "contradicted") and against_bound:
-        # The bound pulls the estimate toward this very verdict, so it cannot stand.
-        v = "inconclusive (censored)"
-    result.verdict = v
