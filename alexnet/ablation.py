@@ -28,16 +28,13 @@ from alexnet.config import (
     RunConfig,
     build_config,
     key_fields,
-    quick_overrides,
     validate_override,
+    with_quick,
 )
 from alexnet.errors import ConfigError
 from alexnet.safe_yaml import MAX_BYTES, brief, load_yaml
 
 PACKAGE_ABLATIONS = Path(__file__).parent / "ablations"
-# --quick shrinks every width by this factor instead of setting one width, so arms that
-# differ in width (one tower with half the kernels) keep their ratio.
-QUICK_WIDTH_SCALE = 0.125
 # Seeds as numpy and every RNG accept them; more cells than this is a typo (an axis too
 # many, a seed count with extra zeros), not a grid anyone means to run.
 MAX_SEED = 2**32 - 1
@@ -90,6 +87,7 @@ class Cell:
     claims: tuple[str, ...] = ()
     tuned: dict[str, float] = field(default_factory=dict)  # lr / wd chosen by a sweep
     varied: tuple[str, ...] = ()  # the dotted keys the ablation's arms set
+    quick: bool = False  # made with --quick
 
     @cached_property
     def key(self) -> str:
@@ -154,18 +152,34 @@ class Ablation:
         for combo in itertools.product(*(self.axes[a].items() for a in axis_names)):
             arms = {a: arm for a, (arm, _) in zip(axis_names, combo, strict=True)}
             for seed in seeds:
-                flat = dict(self.base)
-                if quick:
-                    flat.update(quick_overrides())
-                for _, arm_set in combo:
-                    flat.update(arm_set)
-                if quick:
-                    flat["model.width"] = flat.get("model.width", 1.0) * QUICK_WIDTH_SCALE
+                arm = {k: v for _, arm_set in combo for k, v in arm_set.items()}
+                flat = with_quick(self.profile, self.base, arm) if quick else {
+                    **self.base, **arm}
                 flat.update(overrides or {})
                 flat["seed"] = seed
                 cfg = build_config(self.profile, flat, where=f"{where} (arm {_label(arms)})")
-                out.append(Cell(self.name, arms, seed, cfg, tuple(self.claims), varied=varied))
+                out.append(Cell(self.name, arms, seed, cfg, tuple(self.claims), varied=varied,
+                                quick=quick))
         return out
+
+
+def select_arms(cells: list[Cell], wanted: list[str] | None) -> list[Cell]:
+    """One cell per arm (its first seed's); ``wanted`` names arms as ``activation=tanh`` or
+    just ``tanh`` (every arm combination holding it)."""
+    arms: dict[tuple[str, str], Cell] = {}
+    for c in cells:
+        arms.setdefault((c.ablation, c.arm_label), c)
+    chosen = set(arms) if not wanted else set()
+    for w in wanted or []:
+        hits = {k for k, c in arms.items()
+                if w in (c.arm_label, f"{c.ablation}/{c.arm_label}", *c.arms.values())}
+        if not hits:
+            labels = ", ".join(dict.fromkeys(c.arm_label for c in cells))
+            values = ", ".join(dict.fromkeys(v for c in cells for v in c.arms.values()))
+            raise ConfigError(f"--arm {w!r}: no such arm in {cells[0].ablation}; allowed: "
+                              f"{labels} (or just {values})")
+        chosen |= hits
+    return [c for k, c in arms.items() if k in chosen]
 
 
 def _label(arms: dict[str, str]) -> str:

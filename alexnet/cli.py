@@ -43,7 +43,10 @@ app.command()(sweep)
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False
           ) -> None:
+    from alexnet.ui_server import quiet_mlflow
+
     state["debug"] = debug
+    quiet_mlflow()  # before any command imports mlflow: telemetry off unless asked for
 
 
 # --- list / show -------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def run(
     overrides = command_overrides(epochs, dataset, data_root, device, set_)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=overrides)
     if tuned:
-        from alexnet.sweep import apply_tuned
+        from alexnet.tuned import apply_tuned
 
         cells = apply_tuned(cells, store.storage_spec(storage, uri))
     if dry_run:

@@ -11,9 +11,10 @@ import difflib
 import functools
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from alexnet.errors import ConfigError
 from alexnet.safe_yaml import SyntaxProblem, brief, load_yaml
@@ -21,13 +22,42 @@ from alexnet.safe_yaml import SyntaxProblem, brief, load_yaml
 # Bump when the meaning of an existing field changes, so that old cell keys stop matching.
 CONFIG_SCHEMA_VERSION = 1
 
-Activation = Literal["relu", "tanh", "gelu", "leaky_relu", "elu", "sigmoid"]
-Norm = Literal["lrn", "bn", "none"]
-Pool = Literal["overlap", "nonoverlap"]
-Init = Literal["paper", "kaiming"]
-ModelName = Literal["alexnet", "alexnet_cifar", "convnet4"]
-RemoveConv = Literal["none", "conv2", "conv3", "conv4"]  # Section 7's middle layers
 Source = Literal["synthetic", "cifar10", "cifar100", "imagefolder"]
+
+
+def _axis_tables() -> dict[str, dict[str, object]]:
+    """The models' tables of name -> factory, one per axis (timm's create_act pattern): what
+    an arm may be called and what it builds are written once, there. Imported when a config
+    is first validated, so that importing this module does not import torch."""
+    from alexnet.models.alexnet import REMOVABLE_CONVS
+    from alexnet.models.layers import ACTIVATIONS, NORMS, POOLS
+    from alexnet.models.registry import MODELS
+    from alexnet.models.weight_init import INITS
+
+    return {"name": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "pool": POOLS,
+            "init": INITS, "remove_conv": REMOVABLE_CONVS}
+
+
+def _one_of(axis: str) -> AfterValidator:
+    """A name that must be a key of the models' table for ``axis``."""
+
+    def check(name: str) -> str:
+        allowed = list(_axis_tables()[axis])
+        if name not in allowed:
+            expected = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": expected})
+        return name
+
+    return AfterValidator(check)
+
+
+ModelName = Annotated[str, _one_of("name")]
+Activation = Annotated[str, _one_of("activation")]
+Norm = Annotated[str, _one_of("norm")]
+Pool = Annotated[str, _one_of("pool")]
+Init = Annotated[str, _one_of("init")]
+RemoveConv = Annotated[str, _one_of("remove_conv")]
 
 
 class _Section(BaseModel):
@@ -159,8 +189,14 @@ _NOT_IN_KEY_PREFIXES = ("runtime.", "data.root", "data.download", "data.cache_di
                         "data.in_memory")
 
 
+# Fields added after cell keys were first written, left out while at their default value:
+# a new option must not change the key of every run already in a store.
+_NEW_AT_DEFAULT = {"model.remove_conv": "none"}
+
+
 def key_fields(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_IN_KEY_PREFIXES)}
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_IN_KEY_PREFIXES)
+            and _NEW_AT_DEFAULT.get(k, object()) != v}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -233,13 +269,20 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# What --quick replaces in any ablation's base: the data and the epochs; the size is
-# scaled (ablation.QUICK_WIDTH_SCALE), not set. The axes (activation, norm, ...) are kept.
+# --quick makes any ablation small enough for a laptop: it takes the quick profile's data
+# and length of training, and scales every width by QUICK_WIDTH_SCALE instead of setting
+# one (so that arms differing in width, one tower with half the kernels, keep their ratio).
+# The axes (activation, norm, ...) are kept: arms still win over the quick data settings.
 QUICK_KEYS = ("data.", "train.epochs", "train.batch_size")
+QUICK_WIDTH_SCALE = 0.125
 
 
-def quick_overrides() -> dict[str, Any]:
-    return {k: v for k, v in PROFILES["quick"].items() if k.startswith(QUICK_KEYS)}
+def with_quick(profile: str, base: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:
+    """``base`` then ``arm`` over the profile, at --quick's size (see QUICK_KEYS)."""
+    quick = {k: v for k, v in PROFILES["quick"].items() if k.startswith(QUICK_KEYS)}
+    flat = {**base, **quick, **arm}
+    width = flat.get("model.width", PROFILES.get(profile, {}).get("model.width", 1.0))
+    return {**flat, "model.width": width * QUICK_WIDTH_SCALE}
 
 
 # --- building a run config from a profile and dotted overrides --------------------------
@@ -326,6 +369,14 @@ def build_config(
     flat = apply_overrides(PROFILES[profile], overrides or {}, where)
     try:
         return RunConfig.model_validate(unflatten(flat))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, where)) from None
+
+
+def with_values(cfg: RunConfig, values: dict[str, Any], where: str) -> RunConfig:
+    """``cfg`` with dotted ``values`` replaced, validated again like any built config."""
+    try:
+        return RunConfig.model_validate(unflatten({**cfg.flat(), **values}))
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, where)) from None
 

@@ -10,11 +10,10 @@ most of them) are trained once: the first occurrence trains, the others reuse it
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alexnet import store, tracking
+from alexnet import store, tracking, ui
 from alexnet.ablation import Ablation, Cell
 from alexnet.executors import Executor, InProcess
 from alexnet.runner import CellTask, Outcome, cell_state, execute_cell, find
@@ -65,9 +64,9 @@ def plan(c: Any, uri: str, cells: list[Cell], *, create: bool = False) -> list[P
 def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
                  executor: Executor | None = None, force: bool = False,
                  progress: Progress | None = None, profile: bool = False,
-                 experiment_tags: Callable[[Ablation], dict[str, str]] | None = None,
                  parent_tags: dict[str, str] | None = None) -> GridResult:
-    """Run ``cells`` (of ``ablation`` or its members) into the store at ``uri``."""
+    """Run ``cells`` (of ``ablation`` or its members) into the store at ``uri``; then, for
+    every arm with two seeds or more, score the average of its seeds' models (Section 6)."""
     progress = progress or Progress()
     executor = executor or InProcess()
     c = store.client(uri)
@@ -75,8 +74,12 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
     members = {m.name: m for m in ablation.members()}
     exp_ids = {}
     for name in dict.fromkeys(cell.ablation for cell in cells):
-        tags = experiment_tags(members[name]) if experiment_tags else None
-        exp_ids[name] = tracking.get_experiment_id(c, uri, name, tags=tags)
+        mine = [cell for cell in cells if cell.ablation == name]
+        exp_ids[name] = tracking.get_experiment_id(c, uri, name)
+        # The description, and a view of this grid's cells grouped by arm (MLflow's UI).
+        for key, value in {**ui.experiment_tags(members[name]),
+                           **ui.grid_view_tags(mine)}.items():
+            c.set_experiment_tag(exp_ids[name], key, value)
         tracking.close_stale_runs(c, exp_ids[name])
     first: dict[str, Cell] = {}
     later: list[Cell] = []
@@ -124,6 +127,9 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
                               status="KILLED")
         raise
     outcomes += done
+    for name, exp_id in exp_ids.items():
+        log_ensembles(c, exp_id, parents.get(name), [cell for cell in cells
+                                                     if cell.ablation == name])
     for name, run_id in parents.items():
         bad = any(o.state in ("failed", "diverged") for o in done if o.cell.ablation == name)
         c.set_terminated(run_id, status="FAILED" if bad else "FINISHED")
@@ -136,7 +142,70 @@ def _start_grid_run(c: Any, experiment_id: str, ablation: Ablation, cells: list[
     tracking.set_tags(c, run.info.run_id, {
         "ablate.kind": "grid", "ablation": ablation.name, "claims": ",".join(ablation.claims),
         "ablate.grid_key": cells[0].grid_key, "git_commit": tracking.git_commit() or "",
-        "mlflow.runName": f"{ablation.name} grid", **tracking.owner_tags(), **extra})
+        "mlflow.runName": ui.grid_run_name(cells), **tracking.owner_tags(), **extra})
     tracking.log_params(c, run.info.run_id, {
         "cells": len(cells), "seeds": sorted({cell.seed for cell in cells})})
     return run.info.run_id
+
+
+# --- Section 6: several nets averaged --------------------------------------------------------
+
+
+def log_ensembles(c: Any, experiment_id: str, parent_run_id: str | None,
+                  cells: list[Cell]) -> None:
+    """For every arm with two or more finished seeds, the softmax outputs of the seeds'
+    final models averaged on the held-out split (the test split, else validation), logged as
+    an ``ablate.kind=ensemble`` run: no extra training (Section 6, Table 2: five CNNs)."""
+    by_arm: dict[str, list[tuple[Cell, Any]]] = {}
+    for cell in cells:
+        run = find(c, experiment_id, cell.key).finished()
+        if run is not None:
+            by_arm.setdefault(cell.arm_label, []).append((cell, run))
+    for members in by_arm.values():
+        if len(members) < 2:
+            continue
+        ids = ",".join(sorted(run.info.run_id for _, run in members))
+        if c.search_runs([experiment_id], max_results=1, filter_string=(
+                f"tags.`ablate.kind` = 'ensemble' and tags.members = '{ids}'")):
+            continue  # these very members were averaged before
+        _log_ensemble(c, experiment_id, parent_run_id, members, ids)
+
+
+def _log_ensemble(c: Any, experiment_id: str, parent_run_id: str | None,
+                  members: list[tuple[Cell, Any]], ids: str) -> None:
+    import tempfile
+
+    import torch
+
+    from alexnet.ensemble import evaluate_ensemble
+    from alexnet.models import build_model_from_config
+    from alexnet.runner import WEIGHTS_ARTIFACT, open_data_once
+    from alexnet.train import autocast_for, resolve_device
+
+    cell = members[0][0]
+    data = open_data_once(cell)
+    device = resolve_device(cell.config.runtime.device)
+    models = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (member, run) in enumerate(members):
+            source = run.data.tags.get("ablate.reused_from") or run.info.run_id
+            path = c.download_artifacts(source, WEIGHTS_ARTIFACT, f"{tmp}/{i}")
+            model = build_model_from_config(member.config.model, data.num_classes)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            models.append(model.to(device))
+    split = "test" if data.test_size else "val"
+    size = cell.config.train.eval_batch_size
+    batches = data.test_batches(size) if split == "test" else data.eval_batches(size)
+    result = evaluate_ensemble(models, batches, device,
+                               autocast=lambda: autocast_for(device, cell.config))
+    run = c.create_run(experiment_id, tags={
+        "ablate.kind": "ensemble", "ablation": cell.ablation, "arm": cell.arm_label,
+        "ablate.grid_key": cell.grid_key, "members": ids, "split": split,
+        "seeds": ",".join(str(m.seed) for m, _ in members),
+        "mlflow.runName": f"{cell.arm_label} ensemble of {len(members)}",
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+        **{f"axis.{a}": v for a, v in cell.arms.items()}})
+    tracking.log_metrics(c, run.info.run_id, {
+        "ensemble_error": result.ensemble.error, "ensemble_error_top5":
+        result.ensemble.error_top5, "single_error_mean": result.single.error})
+    c.set_terminated(run.info.run_id)

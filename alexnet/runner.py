@@ -350,7 +350,8 @@ def open_data_once(cell: Cell) -> Any:
 
 
 def preflight_data(cells: list[Cell]) -> None:
-    """Open every distinct dataset before anything is logged, so that bad data is bad input
-    (exit 2) and the decoded cache is ready for every worker."""
-    for cell in {data_identity(c): c for c in cells}.values():
-        open_data_once(cell)
+    """Open every distinct dataset before anything is logged, so that bad data (and a batch
+    larger than the training split) is bad input, exit 2, and the decoded cache is ready for
+    every worker."""
+    for cell in cells:
+        open_data_once(cell).check_batch_size(cell.config.train.batch_size)

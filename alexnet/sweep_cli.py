@@ -1,8 +1,8 @@
-"""`ablate sweep`: tune each arm's learning rate and weight decay with Optuna (the command;
-the work is in ``alexnet.sweep``)."""
+"""`ablate sweep` (the command; the work is in ``alexnet.sweep``)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Annotated, Any
@@ -25,6 +25,23 @@ from alexnet.cli_common import (
     parse_seeds,
     user_errors,
 )
+from alexnet.errors import ConfigError
+
+
+def parse_range(text: str, option: str) -> tuple[float, float] | None:
+    """``"1e-4,1e-1"`` → (1e-4, 0.1), checked 0 < LOW < HIGH; ``"off"`` → None."""
+    if text.strip().lower() == "off" and option == "--wd-range":
+        return None
+    try:
+        low, high = (float(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected LOW,HIGH, e.g. {option} 1e-4,1e-1"
+                          ) from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0:
+        raise ConfigError(f"{option} {low:g},{high:g}: a log-uniform range needs 0 < LOW < HIGH")
+    if low >= high:
+        raise ConfigError(f"{option} {low:g},{high:g}: LOW must be below HIGH")
+    return low, high
 
 
 @user_errors
@@ -64,24 +81,29 @@ def sweep(
     run NAME --tuned`. The objective is the last epoch's validation top-1 error, which the
     pruner sees every epoch. Running a sweep again continues its studies."""
     from alexnet import executors, store
-    from alexnet.ablation import load_ablation
+    from alexnet.ablation import load_ablation, select_arms
     from alexnet.sweep import (
+        PRUNERS,
+        SAMPLERS,
         SearchSpace,
         SweepOptions,
-        list_studies,
-        parse_range,
         run_sweep,
-        select_arms,
-        study_name,
     )
+    from alexnet.tuned import list_studies, study_name
 
     started = time.time()
+    for option, value, allowed in (("--sampler", sampler, SAMPLERS), ("--pruner", pruner,
+                                                                       PRUNERS)):
+        if value not in allowed:
+            raise ConfigError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
+    if trials < 1 or (timeout is not None and timeout <= 0):
+        raise ConfigError(f"--trials {trials}: give at least 1" if trials < 1 else
+                          f"--timeout {timeout:g}: give a positive number of seconds")
     uri = store.tracking_uri(tracking_uri)
     store.check_store(uri)
-    space = SearchSpace(parse_range(lr_range, "--lr-range") or (0, 0),
-                        parse_range(wd_range, "--wd-range", may_be_off=True))
-    opts = SweepOptions(trials=trials, timeout=timeout, jobs=jobs, sampler=sampler,
-                        pruner=pruner, space=space, seeds=tuple(parse_seeds(seeds) or [0]))
+    space = SearchSpace(parse_range(lr_range, "--lr-range"), parse_range(wd_range, "--wd-range"))
+    opts = SweepOptions(trials, timeout, jobs, sampler, pruner, space,
+                        tuple(parse_seeds(seeds) or [0]))
     ab = load_ablation(name)
     overrides = command_overrides(epochs, dataset, data_root, device, set_)
     arms = select_arms(ab.cells(quick=quick, seeds=[0], overrides=overrides), arm)
@@ -90,40 +112,31 @@ def sweep(
         print_studies(list_studies(spec, [m.name for m in ab.members()]),
                       {study_name(c) for c in arms}, store.redact(spec))
         return
-    executor = executors.local(jobs, arms[0].config.runtime.device)
-    result = run_sweep(arms, uri, spec, opts, executor, started=started,
-                       tags={"command": " ".join(["ablate", *sys.argv[1:]])},
-                       on_event=lambda event: None)
-    print_studies(result.summaries, None, store.redact(spec))
+    summaries, short = run_sweep(arms, uri, spec, opts,
+                                 executors.local(jobs, arms[0].config.runtime.device),
+                                 started=started, on_event=lambda event: None,
+                                 tags={"command": " ".join(["ablate", *sys.argv[1:]])})
+    print_studies(summaries, None, store.redact(spec))
     console.print(f"then: ablate run {name}{' --quick' if quick else ''} --tuned", highlight=False)
-    if result.short:
-        err_console.print(f"[red]stopped short of the requested trials:[/] "
-                          f"{', '.join(result.short)}", highlight=False)
+    if short:
+        err_console.print(f"[red]stopped short of the requested trials:[/] {', '.join(short)}",
+                          highlight=False)
         raise typer.Exit(1)
 
 
 def print_studies(summaries: list[Any], current: set[str] | None, where: str) -> None:
-    """arm, trials finished/pruned, the best validation error with its lr and weight decay;
-    config is the last part of the study's name, <ablation>/<arm>/<config>."""
-    from rich import box
+    """Each study's trials and best trial; config is the end of its name."""
     from rich.table import Table
 
-    if not summaries:
-        console.print(f"no studies yet in {where}", highlight=False)
-        return
-    several = len({s.ablation for s in summaries}) > 1
-    table = Table(box=box.SIMPLE_HEAD, title=f"sweeps in {where}: best trial per arm")
-    for header in ("arm", "done/pruned", "failed", "val err %", "lr", "wd", "config"):
-        table.add_column(header, no_wrap=True, justify="left" if header in ("arm", "config")
-                         else "right")
+    table = Table("arm", "done/pruned/failed/running", "val err %", "lr", "wd", "config",
+                  title=f"sweeps in {where}: best trial per arm")
     for s in summaries:
         b = s.best
-        mark = " *" if current is not None and s.study in current else ""
-        table.add_row(f"{s.ablation}/{s.arm}" if several else s.arm, f"{s.complete}/{s.pruned}",
-                      f"{s.failed}" + (f" ({s.running} running)" if s.running else ""),
-                      f"{100 * b.val_error:.1f}" if b else "-", f"{b.lr:.3g}" if b else "-",
-                      f"{b.weight_decay:.3g}" if b else "-", s.study.rpartition("/")[2] + mark)
-    console.print(table)
+        table.add_row(f"{s.ablation}/{s.arm}", f"{s.complete}/{s.pruned}/{s.failed}/{s.running}",
+                      *([f"{100 * b.val_error:.1f}", f"{b.lr:.3g}", f"{b.weight_decay:.3g}"]
+                        if b else ["-"] * 3), s.study.rpartition("/")[2]
+                      + (" *" if current and s.study in current else ""))
+    console.print(table if summaries else f"no studies yet in {where}")
     if current is not None:
         console.print("* = the study these options sweep (and `ablate run --tuned` reads)",
                       highlight=False)

@@ -76,7 +76,7 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
     return None  # constant: Figure 1 compares activations at fixed learning rates
 
 
-def _autocast(device: torch.device, cfg: RunConfig) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, cfg: RunConfig) -> contextlib.AbstractContextManager:
     use_bf16 = cfg.runtime.amp == "bf16" or (cfg.runtime.amp == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -103,7 +103,7 @@ def train_epoch(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Te
     seen = 0
     for step, (images, labels) in enumerate(batches, start=1):
         images = _to_model_layout(images, channels_last)
-        with _autocast(device, cfg):
+        with autocast_for(device, cfg):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -149,7 +149,7 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, cfg: RunConfig,
     k = min(5, data.num_classes)
     batches = data.test_batches if split == "test" else data.eval_batches
     for images, labels in batches(cfg.train.eval_batch_size):
-        with _autocast(device, cfg):
+        with autocast_for(device, cfg):
             probs = softmax_probs(model, images, channels_last)
         totals += score_batch(probs, labels, k)
         n += labels.shape[0]

@@ -89,7 +89,7 @@ def grid_run_name(cells: Sequence[Cell]) -> str:
         raise ValueError("a grid has at least one cell")
     configs = [c.config for c in cells]
     parts = [_joined(c.ablation for c in cells)]
-    parts.append("quick" if all(_is_quick(cfg) for cfg in configs)
+    parts.append("quick" if all(c.quick for c in cells)
                  else _joined(_data_label(cfg) for cfg in configs))
     parts.append(f"{_joined(cfg.model.name for cfg in configs)} "
                  f"w{_joined(f'{cfg.model.width:g}' for cfg in configs)}")
@@ -102,14 +102,6 @@ def grid_run_name(cells: Sequence[Cell]) -> str:
 def _joined(values: Iterable[str]) -> str:
     """One value, or the distinct ones joined by "/" (arms may differ in width or model)."""
     return "/".join(dict.fromkeys(values))
-
-
-def _is_quick(cfg: RunConfig) -> bool:
-    """--quick swaps in the quick profile's generated data; its data keys say so."""
-    from alexnet.config import quick_overrides
-
-    flat = cfg.flat()
-    return all(flat.get(k) == v for k, v in quick_overrides().items() if k.startswith("data."))
 
 
 def _data_label(cfg: RunConfig) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from alexnet.ablation import QUICK_WIDTH_SCALE, known_ablations, load_ablation
-from alexnet.config import build_config, parse_set
+from alexnet.ablation import known_ablations, load_ablation
+from alexnet.config import QUICK_WIDTH_SCALE, build_config, parse_set
 from alexnet.errors import ConfigError
 
 SHIPPED = ["augmentation", "dropout", "normalization", "paper", "pca_lighting", "pooling",

@@ -14,11 +14,9 @@ from torch import nn
 from alexnet.config import ModelConfig
 from alexnet.errors import ConfigError
 from alexnet.models import (
-    AXIS_OPTIONS,
-    MODEL_NAMES,
+    MODELS,
     LocallyConnected2d,
     build_model,
-    build_model_from_config,
     count_params,
     describe_model,
     get_activation,
@@ -245,7 +243,7 @@ ARMS = [
 
 
 # convnet4 has no towers=2 arm (its ConfigError is in test_bad_options).
-CASES = [(n, a, v) for n in MODEL_NAMES for a, v in ARMS if (n, a, v) != ("convnet4", "towers", 2)]
+CASES = [(n, a, v) for n in MODELS for a, v in ARMS if (n, a, v) != ("convnet4", "towers", 2)]
 
 
 CASE_IDS = [f"{n}-{a}={v}" for n, a, v in CASES]
@@ -292,19 +290,33 @@ def test_width_scales_every_conv_and_hidden_fc() -> None:
     assert layers["fc8"].out_features == 1000
 
 
-def test_build_model_from_config_matches_build_model() -> None:
-    cfg = ModelConfig(name="alexnet_cifar", norm="bn", pool="nonoverlap", width=0.125, towers=2)
-    a = build_model_from_config(cfg, 10)
-    b = build_model("alexnet_cifar", 10, norm="bn", pool="nonoverlap", width=0.125, towers=2)
-    assert [(n, p.shape) for n, p in a.named_parameters()] == [
-        (n, p.shape) for n, p in b.named_parameters()
-    ]
+@pytest.mark.parametrize(("field", "table"), [
+    ("name", "alexnet.models.registry:MODELS"),
+    ("activation", "alexnet.models.layers:ACTIVATIONS"),
+    ("norm", "alexnet.models.layers:NORMS"),
+    ("pool", "alexnet.models.layers:POOLS"),
+    ("init", "alexnet.models.weight_init:INITS"),
+    ("remove_conv", "alexnet.models.alexnet:REMOVABLE_CONVS"),
+])
+def test_the_config_accepts_exactly_the_names_the_models_build(field: str, table: str) -> None:
+    """One table per axis: adding a line to it is all it takes to add an arm."""
+    import importlib
+
+    from pydantic import ValidationError
+
+    module, attr = table.split(":")
+    names = list(getattr(importlib.import_module(module), attr))
+    for name in names:
+        assert getattr(ModelConfig(**{field: name}), field) == name
+    with pytest.raises(ValidationError) as err:
+        ModelConfig(**{field: "not_a_" + field})
+    message = err.value.errors()[0]["msg"]
+    assert all(repr(name) in message for name in names)
 
 
-def test_names_options_and_input_sizes_agree_with_the_config() -> None:
-    assert MODEL_NAMES == ("alexnet", "alexnet_cifar", "convnet4")
-    assert set(AXIS_OPTIONS) == set(ModelConfig.model_fields) - {"name"}
-    assert [input_size(n) for n in MODEL_NAMES] == [227, 32, 32]
+def test_input_sizes() -> None:
+    assert {n: input_size(n) for n in MODELS} == {"alexnet": 227, "alexnet_cifar": 32,
+                                                   "convnet4": 32}
 
 
 # --- the depth axis: one middle conv layer removed (Section 7) ------------------------------
@@ -479,7 +491,7 @@ def test_pool_factory_geometry() -> None:
 # --- the summary table ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_describe_model_rows_add_up(name: str) -> None:
     model = build_model(name, 10, width=TINY_WIDTH[name], norm="bn")
     model.train()

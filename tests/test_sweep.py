@@ -18,21 +18,13 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from alexnet import store, tracking
-from alexnet.ablation import load_ablation
+from alexnet.ablation import load_ablation, select_arms
 from alexnet.cli import app
 from alexnet.config import parse_set
 from alexnet.errors import ConfigError
 from alexnet.executors import InProcess
-from alexnet.sweep import (
-    SweepOptions,
-    apply_tuned,
-    best_of,
-    list_studies,
-    run_sweep,
-    select_arms,
-    study_name,
-    target_for,
-)
+from alexnet.sweep import SweepOptions, run_sweep, target_for
+from alexnet.tuned import apply_tuned, best_of, list_studies, study_name
 
 ABLATE = str(Path(sys.executable).parent / "ablate")
 # Tiny trials: 256 training images, 2 epochs, about a second each on a CPU.
@@ -128,8 +120,9 @@ def test_sweep_tunes_each_arm_in_its_own_study_logs_nested_trials_and_continues(
             best.lr, best.weight_decay)
         assert after.key != before.key and after.seed == before.seed
     other = load_ablation("relu_vs_tanh").cells(quick=True)  # other options: no sweep
-    with pytest.raises(ConfigError, match=r"no sweep for arm activation=relu of relu_vs_tanh "
-                                          r"\(study relu_vs_tanh/activation=relu/\w{10}.*--quick"):
+    with pytest.raises(ConfigError, match=r"no sweep for arm activation=relu of relu_vs_tanh: "
+                                          r"study relu_vs_tanh/activation=relu/\w{10} does not "
+                                          r"exist.*`ablate sweep relu_vs_tanh --quick`"):
         apply_tuned(other, spec())
 
 
@@ -138,10 +131,11 @@ def test_pruned_trials_show_as_pruned_in_optuna_and_mlflow(here):
     arms = select_arms(ab.cells(quick=True, seeds=[0], overrides=OVERRIDES), ["tanh"])
     uri = store.tracking_uri()
     always = optuna.pruners.ThresholdPruner(upper=0.0)  # any error above 0 is pruned
-    result = run_sweep(arms, uri, spec(), SweepOptions(trials=2, pruner=always), InProcess(),
-                       started=time.time(), tags={}, on_event=lambda e: None)
-    assert not result.short
-    [summary] = result.summaries
+    summaries, short = run_sweep(arms, uri, spec(), SweepOptions(trials=2, pruner=always),
+                                 InProcess(), started=time.time(), tags={},
+                                 on_event=lambda e: None)
+    assert not short
+    [summary] = summaries
     assert (summary.complete, summary.pruned, summary.best) == (0, 2, None)
     study = studies(here)[study_name(arms[0])]
     assert states(study) == [TrialState.PRUNED] * 2

@@ -29,23 +29,25 @@ import torch
 from torch import nn
 
 from alexnet.models.layers import (
-    REMOVABLE_CONVS,
-    check_choice,
     conv_block,
     get_activation,
     get_pool,
     output_shape,
+    pick,
     scaled,
 )
 from alexnet.models.weight_init import init_weights
 
 IMAGENET_INPUT_SIZE = 227
+# The depth axis (Section 7): which middle conv layer to remove, if any.
+REMOVABLE_CONVS = {"none": None, "conv2": 2, "conv3": 3, "conv4": 4}
 
 
 class AlexNet(nn.Module):
     """Five convolutions and three fully connected layers; ``features`` + ``classifier``.
 
-    The defaults are the paper's network. ``stem`` is conv1's (kernel, stride, padding)
+    The defaults are ModelConfig's: the paper's network in one tower (``towers=2`` is its
+    two-GPU layout, Section 3.2). ``stem`` is conv1's (kernel, stride, padding)
     and ``input_size`` the square input it is built for: the flatten size in front of fc6
     is measured with one dummy forward at that size, never hard-coded, because it depends
     on the pooling arm for small inputs.
@@ -65,7 +67,7 @@ class AlexNet(nn.Module):
         pool: str = "overlap",
         dropout: float = 0.5,
         init: str = "paper",
-        towers: int = 2,
+        towers: int = 1,
         width: float = 1.0,
         remove_conv: str = "none",
         input_size: int = IMAGENET_INPUT_SIZE,
@@ -75,7 +77,7 @@ class AlexNet(nn.Module):
         c1, c2, c3, c4, c5 = (scaled(c, width, towers) for c in (96, 256, 384, 384, 256))
         hidden = scaled(4096, width)
         kernel, stride, padding = stem
-        check_choice("remove_conv", remove_conv, REMOVABLE_CONVS)
+        removed = pick(REMOVABLE_CONVS, "remove_conv", remove_conv)
         # The two towers of Section 3.2 are grouped convolutions: in conv2, conv4 and conv5
         # each kernel sees only the maps of its own tower; conv3 and the fc layers see
         # both. conv1 needs no groups: each tower's conv1 sees the whole image anyway.
@@ -101,7 +103,7 @@ class AlexNet(nn.Module):
         layers: list[tuple[str, nn.Module]] = []
         in_channels = 3
         for i, out, k, s, p, groups, lrn_here in convs:
-            if f"conv{i}" != remove_conv:
+            if i != removed:
                 conv = nn.Conv2d(in_channels, out, k, s, p, groups=groups)
                 layers += conv_block(i, conv, out, activation, norm, lrn_here)
                 in_channels = out

@@ -8,42 +8,17 @@ so adding an arm means adding one line to a table here.
 from __future__ import annotations
 
 import math
-from typing import get_args
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.config import Activation, Init, Norm, Pool, RemoveConv
 from alexnet.errors import ConfigError
 
-# The allowed values are the config's Literal types, so the factories, the run config and
-# the error messages cannot disagree about what an arm may be called.
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
-NORMS: tuple[str, ...] = get_args(Norm)
-POOLS: tuple[str, ...] = get_args(Pool)
-INITS: tuple[str, ...] = get_args(Init)
-REMOVABLE_CONVS: tuple[str, ...] = get_args(RemoveConv)
-
-LEAKY_SLOPE = 0.01  # PyTorch's default; the kaiming gain below uses the same value
-
-
-def check_choice(axis: str, value: object, allowed: tuple[object, ...]) -> None:
-    """Raise a one-line ConfigError naming the allowed values when ``value`` is not one."""
-    if value not in allowed:
-        choices = ", ".join(str(a) for a in allowed)
-        raise ConfigError(f"unknown {axis} {value!r}; choose one of {choices}")
-
-
-def get_activation(name: str) -> nn.Module:
-    """A fresh activation module for an arm of the ``activation`` axis (Section 3.1)."""
-    check_choice("activation", name, ACTIVATIONS)
-    # In-place where it is safe and common: saves one activation map per layer on the GPU.
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "leaky_relu":
-        return nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
-    return {"tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "sigmoid": nn.Sigmoid}[name]()
+T = TypeVar("T")
+LEAKY_SLOPE = 0.01  # PyTorch's default; the kaiming gain in weight_init uses the same value
 
 
 def paper_lrn() -> nn.LocalResponseNorm:
@@ -56,25 +31,54 @@ def paper_lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
 
 
+# Each axis is a table of name -> layer factory: the keys are the arms the run config
+# accepts (config.py validates against them), the values what each arm builds. Adding an
+# arm is adding a line here.
+
+# Section 3.1. In-place where it is safe and common: saves one activation map per layer.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+    "elu": nn.ELU,
+    "sigmoid": nn.Sigmoid,
+}
+# ``lrn`` is the paper's cross-map LRN (Section 3.3); ``bn`` is BatchNorm2d (Ioffe & Szegedy
+# 2015, a modern substitute the paper could not have used); ``none`` is the identity. Where
+# each goes is the model's business (see ``conv_block``).
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "lrn": lambda channels: paper_lrn(),
+    "bn": nn.BatchNorm2d,
+    "none": lambda channels: nn.Identity(),
+}
+# Section 3.4: ``overlap`` is max-pool 3x3 stride 2, ``nonoverlap`` is 2x2 stride 2.
+POOLS: dict[str, Callable[[], nn.Module]] = {
+    "overlap": lambda: nn.MaxPool2d(kernel_size=3, stride=2),
+    "nonoverlap": lambda: nn.MaxPool2d(kernel_size=2, stride=2),
+}
+
+
+def pick(table: dict[str, T], axis: str, name: str) -> T:
+    """``table[name]``, or a one-line ConfigError listing the allowed names."""
+    if name not in table:
+        raise ConfigError(f"unknown {axis} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def get_activation(name: str) -> nn.Module:
+    """A fresh activation module for an arm of the ``activation`` axis."""
+    return pick(ACTIVATIONS, "activation", name)()
+
+
 def get_norm(name: str, channels: int) -> nn.Module:
-    """A normalization layer for an arm of the ``norm`` axis.
-
-    ``lrn`` is the paper's cross-map LRN; ``bn`` is BatchNorm2d (Ioffe & Szegedy 2015, a
-    modern substitute the paper could not have used); ``none`` is the identity. Where each
-    goes is the model's business (see ``conv_block``).
-    """
-    check_choice("norm", name, NORMS)
-    if name == "lrn":
-        return paper_lrn()
-    if name == "bn":
-        return nn.BatchNorm2d(channels)
-    return nn.Identity()
+    """A normalization layer for an arm of the ``norm`` axis."""
+    return pick(NORMS, "norm", name)(channels)
 
 
-def get_pool(name: str) -> nn.MaxPool2d:
-    """Section 3.4: ``overlap`` is max-pool 3x3 stride 2, ``nonoverlap`` is 2x2 stride 2."""
-    check_choice("pool", name, POOLS)
-    return nn.MaxPool2d(kernel_size=3, stride=2) if name == "overlap" else nn.MaxPool2d(2, 2)
+def get_pool(name: str) -> nn.Module:
+    """A max-pooling layer for an arm of the ``pool`` axis."""
+    return pick(POOLS, "pool", name)()
 
 
 def conv_block(
@@ -94,7 +98,6 @@ def conv_block(
       paper normalizes conv1 and conv2 only, after their ReLU (Section 3.3).
     - ``none``: conv and activation alone.
     """
-    check_choice("norm", norm, NORMS)
     layers: list[tuple[str, nn.Module]] = [(f"{kind}{index}", conv)]
     if norm == "bn":
         layers.append((f"bn{index}", get_norm("bn", channels)))

@@ -8,11 +8,11 @@ ablation arm of its own rather than a silent fix.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from torch import nn
 
-from alexnet.models.layers import INITS, LEAKY_SLOPE, LocallyConnected2d, check_choice
+from alexnet.models.layers import LEAKY_SLOPE, LocallyConnected2d, pick
 
 PAPER_STD = 0.01
 
@@ -42,6 +42,13 @@ def kaiming_std(module: nn.Module, activation: str) -> float:
     return _GAIN[activation] / math.sqrt(fan_in(module))
 
 
+# The ``init`` axis: name -> the weights' standard deviation for a layer and activation.
+INITS: dict[str, Callable[[nn.Module, str], float]] = {
+    "paper": lambda module, activation: PAPER_STD,
+    "kaiming": kaiming_std,
+}
+
+
 def init_weights(
     model: nn.Module,
     scheme: str,
@@ -62,14 +69,11 @@ def init_weights(
     BatchNorm starts as the identity (weight 1, bias 0) in both.
     Layers are matched by their own name (``features.conv2`` → ``conv2``).
     """
-    check_choice("init", scheme, INITS)
+    std_of = pick(INITS, "init", scheme)
     for name, module in model.named_modules():
         if isinstance(module, _WEIGHTED):
             short = name.rsplit(".", 1)[-1]
-            if scheme == "paper":
-                std = PAPER_STD
-            else:
-                std = kaiming_std(module, "linear" if short == output_layer else activation)
+            std = std_of(module, "linear" if short == output_layer else activation)
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 one = scheme == "paper" and short in bias_one
