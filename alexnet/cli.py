@@ -19,7 +19,6 @@ from alexnet.cli_common import (
     Dataset,
     Device,
     Epochs,
-    Jobs,
     Quick,
     Seeds,
     SetItems,
@@ -123,7 +122,10 @@ def run(
     data_root: DataRoot = None,
     device: Device = None,
     set_: SetItems = None,
-    jobs: Jobs = 1,
+    jobs: Annotated[str, typer.Option(
+        help="Cells run at once, in processes: N, or auto: on a GPU as many as its memory "
+             "holds and keep it busy (a short probe measures one cell), on a CPU 1.")
+    ] = "auto",
     tuned: Annotated[bool, typer.Option(
         "--tuned", help="Each arm at its best lr and weight decay from `ablate sweep`.")] = False,
     storage: Annotated[str | None, typer.Option(
@@ -140,16 +142,21 @@ def run(
     interrupted ones resume, cells shared with another ablation are trained once."""
     from alexnet import executors, store
     from alexnet.ablation import load_ablation
+    from alexnet.packing import parse_jobs, resolve_jobs
 
+    wanted_jobs = parse_jobs(jobs)
     uri = store.tracking_uri(tracking_uri)
     store.check_store(uri)
     ab = load_ablation(name)
     overrides = command_overrides(epochs, dataset, data_root, device, set_)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=overrides)
     if tuned:
-        from alexnet.tuned import apply_tuned
+        from alexnet.tuned import apply_tuned_where_swept
 
-        cells = apply_tuned(cells, store.storage_spec(storage, uri))
+        cells, untuned = apply_tuned_where_swept(cells, store.storage_spec(storage, uri))
+        if untuned:
+            console.print(f"--tuned: no sweep for {', '.join(untuned)}; these run at their "
+                          "configured lr and weight decay", highlight=False)
     if dry_run:
         show_plan(uri, cells)
         return
@@ -158,9 +165,13 @@ def run(
     from alexnet.runner import preflight_data
 
     preflight_data(cells)
+    decision = resolve_jobs(wanted_jobs, cells)
+    if decision.reason:
+        console.print(decision.reason, highlight=False)
     with RichProgress(console) as progress:
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
-                              executor=executors.local(jobs, cells[0].config.runtime.device),
+                              executor=executors.local(decision.jobs,
+                                                       cells[0].config.runtime.device),
                               parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
     print_summary(result)
     if result.failed:

@@ -94,3 +94,23 @@ def apply_tuned(cells: list[Cell], spec: str) -> list[Cell]:
                           where=f"--tuned {cell.arm_label} (study {name})")
         out.append(dataclasses.replace(cell, config=cfg, tuned=tuned))
     return out
+
+
+def apply_tuned_where_swept(cells: list[Cell], spec: str) -> tuple[list[Cell], list[str]]:
+    """``--tuned`` for a grid of several ablations (``paper``), where only some were swept
+    (relu_vs_tanh, whose claim is about learning rates chosen per arm): an ablation with a
+    study for any of its arms is tuned, every arm of it (``apply_tuned``: a missing arm is an
+    error, as a half-tuned comparison is none); an ablation with no study at all keeps its
+    configured values and is named in the list returned. With no study for any of them it
+    is ``apply_tuned``'s error."""
+    storage = store.open_storage(spec, create=False)
+    names = set(optuna.get_all_study_names(storage)) if storage is not None else set()
+    by_ablation: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_ablation.setdefault(cell.ablation, []).append(cell)
+    swept = {a for a, mine in by_ablation.items() if any(study_name(c) in names for c in mine)}
+    if not swept:
+        return apply_tuned(cells, spec), []  # raises: nothing to tune
+    tuned = {id(c): t for a in swept for c, t in zip(
+        by_ablation[a], apply_tuned(by_ablation[a], spec), strict=True)}
+    return [tuned.get(id(c), c) for c in cells], [a for a in by_ablation if a not in swept]
