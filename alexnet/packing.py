@@ -136,7 +136,8 @@ def largest(cells: Sequence[Cell]) -> Cell:
     return max(sizes.values(), key=params)
 
 
-def _for_seconds(batches: Iterator[Any], seconds: float) -> Iterator[Any]:
+def for_seconds(batches: Iterator[Any], seconds: float) -> Iterator[Any]:
+    """``batches`` until ``seconds`` have passed, by the host's clock."""
     end = time.perf_counter() + seconds
     for batch in batches:
         if time.perf_counter() >= end:
@@ -196,8 +197,8 @@ def _train_and_watch(cfg: RunConfig, data: Any, device: Any, seconds: float
     endless = itertools.chain.from_iterable(
         data.train_batches(epoch, bs, cfg.seed) for epoch in itertools.count(1))
 
-    def steps(for_seconds: float) -> int:
-        _, _, seen = train_epoch(model, _for_seconds(endless, for_seconds), optimizer, device,
+    def steps(duration: float) -> int:
+        _, _, seen = train_epoch(model, for_seconds(endless, duration), optimizer, device,
                                  cfg, channels_last, None, 0)
         torch.cuda.synchronize(device)
         return max(1, seen // bs)

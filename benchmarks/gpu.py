@@ -54,13 +54,17 @@ DEFAULT_DATA_ROOT = Path(os.environ.get("ALEXNET_CIFAR10_ROOT",
 MARK_START = "<!-- gpu-benchmark:start -->"
 MARK_END = "<!-- gpu-benchmark:end -->"
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, matched on the CUDA device name
-# in this order. "NVIDIA H100 80GB HBM3" is the SXM part; an unlisted part (H100 NVL, a
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (which
+# print the sparse figure, twice these), matched on the CUDA device name in this order.
+# "NVIDIA H100 80GB HBM3" is the SXM part; the NVL parts ("NVIDIA H100 NVL", "NVIDIA H200
+# NVL") run at lower clocks and must match before the plain names. An unlisted part (a
 # laptop GPU) gets no MFU rather than a guessed one.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100 SXM", 989.0),
     ("H100 80GB HBM3", 989.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("A100", 312.0),
 )
@@ -583,21 +587,22 @@ def report(rows: list[Row], notes: list[str], s: Settings, macs: dict[int, int])
     return "\n".join(lines) + "\n"
 
 
-def write_between_markers(path: Path, block: str) -> None:
+def write_between_markers(path: Path, block: str, mark_start: str = MARK_START,
+                          mark_end: str = MARK_END) -> None:
     """Replace what lies between the markers in ``path``; add them at the end if absent.
 
-    Nothing outside the markers is touched.
+    Nothing outside the markers is touched. The other GPU benchmarks have markers of their own.
     """
     text = path.read_text() if path.exists() else ""
-    section = f"{MARK_START}\n{block.rstrip()}\n{MARK_END}"
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    section = f"{mark_start}\n{block.rstrip()}\n{mark_end}"
+    start, end = text.find(mark_start), text.find(mark_end)
     if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):]
+        text = text[:start] + section + text[end + len(mark_end):]
     elif start == -1 and end == -1:
         sep = "" if not text else "\n" if text.endswith("\n") else "\n\n"
         text = f"{text}{sep}{section}\n"
     else:
-        raise SystemExit(f"{path}: only one of {MARK_START} / {MARK_END} found, or in the "
+        raise SystemExit(f"{path}: only one of {mark_start} / {mark_end} found, or in the "
                          "wrong order; fix the markers by hand")
     path.write_text(text)
 

@@ -117,6 +117,8 @@ def test_mac_counter_matches_the_paper_and_the_peak_table(gpu) -> None:
     assert gpu.peak_for("NVIDIA H100 80GB HBM3") == 989
     assert gpu.peak_for("NVIDIA H100 PCIe") == 756
     assert gpu.peak_for("NVIDIA H200") == 989
+    assert gpu.peak_for("NVIDIA H200 NVL") == 835  # not the SXM part's 989
+    assert gpu.peak_for("NVIDIA H100 NVL") == 835
     assert gpu.peak_for("NVIDIA A100-SXM4-80GB") == 312
     assert gpu.peak_for("NVIDIA GeForce RTX 4090") is None
 
@@ -134,3 +136,76 @@ def test_cuda_run_reports_bf16_rows_and_targets(tmp_path: Path) -> None:
     assert len(project) == 4  # two towers and one, batch 128 and 256
     assert all(float(r["images/s"].replace(",", "")) > 0 and r["TFLOP/s"] for r in project)
     assert "Targets:" in out.read_text()
+
+
+# --- benchmarks/gpu_packing.py: several cells at once on one device ---------------------------
+
+PACKING = REPO / "benchmarks" / "gpu_packing.py"
+
+
+@pytest.fixture(scope="module")
+def packing():
+    spec = importlib.util.spec_from_file_location("gpu_packing", PACKING)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_plan_counts_the_paper_grids_distinct_cells_and_fits_epochs(packing):
+    s = packing.settings(packing.parse_args(["--quick", "--device", "cpu",
+                                             "--data-root", "/no/such/folder"]))
+    rows = [packing.Row("convnet4", 1, [1000.0]), packing.Row("convnet4", 2, [900.0, 900.0]),
+            packing.Row("alexnet_cifar", 1, [500.0]),
+            packing.Row("alexnet_cifar", 2, error="failed")]
+    epochs, line = packing.plan(rows, s, seeds=3, budget=600)
+    # relu_vs_tanh: 2 arms of convnet4; the other six ablations share their base cell, so
+    # 9 distinct alexnet_cifar arms (base, bn, none, nonoverlap, pca off, dropout off,
+    # augmentation off, two towers, one narrow tower); times 3 seeds.
+    assert "33 distinct cells (6 convnet4 + 27 alexnet_cifar)" in line
+    per_image = 1 + (256 / 1024) / 3  # training + a forward pass over the validation split
+    one_epoch = 6 * 1024 * per_image / 1800 + 27 * 1024 * per_image / 500  # best aggregates
+    assert f"takes about {one_epoch:.0f} s" in line
+    assert epochs == int(600 // one_epoch) and line.endswith(f"EPOCHS={epochs} (bounded to 2..30)")
+    assert packing.plan(rows, s, seeds=3, budget=1)[0] == 2  # never fewer than 2 epochs
+    missing, why = packing.plan(rows[:2], s, seeds=1, budget=600)
+    assert missing is None and why == "plan: none, alexnet_cifar not measured"
+
+
+@pytest.mark.slow
+def test_packing_quick_run_measures_one_and_two_cells(packing, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    out = tmp_path / "packing.md"
+    proc = subprocess.run(
+        [sys.executable, str(PACKING), "--quick", "--device", "cpu", "--models", "convnet4",
+         "--data-root", str(tmp_path / "no-such-folder"), "--out", str(out),
+         "--write-results", "--results-file", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(out.read_text())
+    assert [r["cells at once"] for r in rows] == ["1", "2"]
+    for r in rows:
+        per_cell = float(r["images/s per cell"].replace(",", ""))
+        aggregate = float(r["aggregate images/s"].replace(",", ""))
+        assert per_cell > 0 and aggregate == pytest.approx(per_cell * int(r["cells at once"]),
+                                                           rel=0.01, abs=1)
+    assert rows[0]["vs 1 cell"] == "1.00x"
+    assert "`--jobs auto` for convnet4: 1 (a CPU" in out.read_text()
+    assert results.read_text() == (f"# Results\n\n{packing.MARK_START}\n"
+                                   f"{out.read_text().rstrip()}\n{packing.MARK_END}\n")
+
+
+@pytest.mark.gpu
+def test_packing_on_cuda_measures_memory_and_asks_the_probe(tmp_path: Path) -> None:
+    out = tmp_path / "packing.md"
+    proc = subprocess.run(
+        [sys.executable, str(PACKING), "--device", "cuda", "--quick", "--models", "convnet4",
+         "--cells", "1,2", "--seconds", "2", "--data-root", str(tmp_path / "none"),
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(out.read_text())
+    assert len(rows) == 2 and all(r["GPU memory per cell"].endswith("GiB") for r in rows)
+    assert "`--jobs auto` for convnet4: " in out.read_text()
+    assert "limited by" in out.read_text() or "cannot be read" in out.read_text()
