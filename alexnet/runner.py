@@ -214,6 +214,11 @@ def reuse(c: Any, task: CellTask, original: Any, claim: tracking.Claim) -> Outco
     a run here, tagged with where it comes from, carries its params and metrics (the per-epoch
     ones too, so curves and reports read it like any other), not its artifacts."""
     cell = task.cell
+    # The run that trained it, also when ``original`` is itself a reuse (a cell shared by
+    # three ablations): only that one has the weights that ensembles load.
+    source = original.data.tags.get("ablate.reused_from") or original.info.run_id
+    source_experiment = original.data.tags.get("ablate.reused_from_experiment") or \
+        original.info.experiment_id
     run = c.create_run(task.experiment_id, start_time=original.info.start_time)
     run_id = run.info.run_id
     tracking.bind_claim(c, claim, run_id)
@@ -222,8 +227,7 @@ def reuse(c: Any, task: CellTask, original: Any, claim: tracking.Claim) -> Outco
     keep = ("dataset_fingerprint", "device", "diverged", "git_commit")
     tracking.set_tags(c, run_id, {
         **tracking.cell_tags(cell), **parent, **{k: original.data.tags.get(k) for k in keep},
-        "ablate.reused_from": original.info.run_id,
-        "ablate.reused_from_experiment": original.info.experiment_id})
+        "ablate.reused_from": source, "ablate.reused_from_experiment": source_experiment})
     from mlflow.entities import Metric
 
     history = [Metric(m.key, m.value, m.timestamp, m.step)
