@@ -188,8 +188,7 @@ def _log_ensemble(c: Any, experiment_id: str, parent_run_id: str | None,
     models = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (member, run) in enumerate(members):
-            source = run.data.tags.get("ablate.reused_from") or run.info.run_id
-            path = c.download_artifacts(source, WEIGHTS_ARTIFACT, f"{tmp}/{i}")
+            path = c.download_artifacts(_trained(c, run), WEIGHTS_ARTIFACT, f"{tmp}/{i}")
             model = build_model_from_config(member.config.model, data.num_classes)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             models.append(model.to(device))
@@ -209,3 +208,14 @@ def _log_ensemble(c: Any, experiment_id: str, parent_run_id: str | None,
         "ensemble_error": result.ensemble.error, "ensemble_error_top5":
         result.ensemble.error_top5, "single_error_mean": result.single.error})
     c.set_terminated(run.info.run_id)
+
+
+def _trained(c: Any, run: Any) -> str:
+    """The id of the run that trained ``run``'s cell. A reused run names it; stores written
+    before reuse looked through copies may name another copy, so the links are followed."""
+    for _ in range(100):  # a cycle cannot be written, but a store is data
+        link = run.data.tags.get("ablate.reused_from")
+        if not link:
+            return run.info.run_id
+        run = c.get_run(link)
+    raise RuntimeError(f"run {run.info.run_id}: its reused_from links do not end")
