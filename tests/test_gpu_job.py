@@ -19,6 +19,12 @@ JOB = REPO / "benchmarks" / "gpu_job.sh"
 MIB = 2**20
 
 
+def pythonpath() -> str:
+    """This source tree first, then what the environment had (where the requirements may
+    live, as on a machine that runs the project from its source tree)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(scope="module")
 def tools():
     spec = importlib.util.spec_from_file_location("gpu_job_tools", JOB.with_suffix(".py"))
@@ -29,7 +35,7 @@ def tools():
 
 def job(state: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "STATE": str(state), "OUT": str(state / "out"),
-           "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "COLUMNS": "160"}
+           "PYTHON": sys.executable, "PYTHONPATH": pythonpath(), "COLUMNS": "160"}
     return subprocess.run(["bash", str(JOB), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -127,7 +133,7 @@ def test_the_tiny_job_runs_every_step_and_packs_one_archive(tmp_path: Path):
     again = subprocess.run(
         [sys.executable, "-m", "alexnet", "report", "relu_vs_tanh", "--out", "again",
          "--tracking-uri", f"sqlite:///{db}"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"})
+        timeout=300, env={**os.environ, "PYTHONPATH": pythonpath(), "MPLBACKEND": "Agg"})
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "again" / "relu_vs_tanh.md").read_text().split("\n")[0] == \
         (unpacked / "reports" / "relu_vs_tanh.md").read_text().split("\n")[0]

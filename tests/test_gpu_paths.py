@@ -23,6 +23,12 @@ TINY = {"model.name": "alexnet_cifar", "data.synthetic.train_size": 512,
         "data.synthetic.val_size": 128, "train.epochs": 2, "runtime.device": "cuda"}
 
 
+def pythonpath() -> str:
+    """This source tree first, then what the environment had (where the requirements may
+    live, as on a machine that runs the project from its source tree)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def test_a_cuda_step_runs_in_bf16_on_channels_last_and_keeps_fp32_weights():
     cfg = build_config("quick", TINY)
     device = torch.device("cuda")
@@ -76,7 +82,7 @@ def test_a_cuda_grid_picks_its_jobs_and_logs_gpu_system_metrics(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "alexnet", "run", "tiny", "--device", "cuda"], cwd=tmp_path,
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200",
+        env={**os.environ, "PYTHONPATH": pythonpath(), "COLUMNS": "200",
              "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--jobs auto: " in proc.stdout  # the probe ran and said what it chose
