@@ -38,21 +38,24 @@
 #
 # Time (one H100/H200, each command at most 10 minutes, 30 minutes of device time in all).
 # From the targets: an alexnet_cifar epoch (45,000 images) <= 3 s alone, a convnet4 one <= 1 s.
-#   tests ~2 min; bench ~4-6 min (four torch.compile rows, the first decode of 50,000 JPEGs);
-#   packing ~2-3 min (2 models x 4 packings, 8 s each, plus process start-up); then step 4,
+#   tests ~3 min; bench ~4-6 min (four torch.compile rows, the first decode of 50,000 JPEGs);
+#   packing ~2 min (2 models x 4 packings, 6 s each, plus process start-up); then step 4,
 #   the paper table, <= 10 min: sweep SWEEP_SECONDS (150 s; convnet4 trials stop at 25%
 #   training error or EPOCHS, TRIALS per arm, SWEEP_JOBS at once), paper PAPER_BUDGET (330 s)
 #   of packed training plus ~1.5 min of process start-up, logging and ensembles, reports ~1 min.
 #   The paper grid at 3 seeds is 33 distinct cells, 27 of them alexnet_cifar: one epoch of all
 #   of them is 27 x 3 s = 81 s alone, ~30-40 s packed 2-3x on the device, so 330 s hold ~8-10
 #   epochs. The packing step measures the real aggregate and writes the epochs that fit to
-#   STATE/plan.env; the sweep and paper steps read it (else EPOCHS=8). EPOCHS in the
-#   environment overrides it; sweep and paper must use the same, as --tuned finds a sweep by
-#   its configuration. SEEDS=5 where time allows (about 5/3 the paper step).
-# Suggested commands, each under 10 minutes: `tests bench`, `packing sweep`, `paper`,
-# `reports pack`. JOB_LIMIT (540 s) bounds one invocation: a step still running then is stopped
-# (a grid's finished cells are kept; running it again resumes) and the later steps wait for the
-# next invocation: run the same command again.
+#   STATE/plan.env; the sweep step reads it (else EPOCHS=8) and records what it used in
+#   STATE/epochs, which the paper step reads: --tuned finds a sweep by its configuration, so
+#   both must train the same number of epochs. EPOCHS in the environment overrides both.
+#   SEEDS=5 where time allows (about 5/3 the paper step).
+# Suggested commands, each under 10 minutes, one after another while the machine is warm:
+# `tests packing` (~5 min), `bench` (~5 min), `sweep paper` (~8-9 min), `reports pack`.
+# JOB_LIMIT (540 s) bounds one invocation: a step still running then is stopped (a grid's
+# finished cells are kept and a sweep's trials too) and the later steps wait: run the same
+# command again (finished steps are skipped). paper needs a finished sweep, reports a finished
+# paper grid.
 #
 # --tiny: the same job on a CPU in minutes, as its test does: a generated folder of 300 images,
 # --quick widths, one epoch, two seeds, two trials per arm.
@@ -124,8 +127,9 @@ elif [ ! -d "$DATA/train" ]; then
 fi
 [ -f "$RESULTS/RESULTS.md" ] || cp "$ROOT/benchmarks/RESULTS.md" "$RESULTS/RESULTS.md"
 
-epochs() {  # the environment's, else the packing step's plan, else 8
+epochs() {  # the environment's, else the sweep's, else the packing step's plan, else 8
   if [ -n "${EPOCHS:-}" ]; then echo "$EPOCHS"
+  elif [ -f "$STATE/epochs" ]; then cat "$STATE/epochs"
   elif [ -f "$STATE/plan.env" ]; then sed -n 's/^EPOCHS=//p' "$STATE/plan.env"
   else echo 8; fi
 }
@@ -161,6 +165,7 @@ step_packing() {
 }
 
 step_sweep() {
+  epochs > "$STATE/epochs"  # what the paper grid must use too
   ablate sweep relu_vs_tanh "${DATA_ARGS[@]}" --epochs "$(epochs)" --trials "$TRIALS" \
     --jobs "$SWEEP_JOBS" --wd-range off --timeout "$SWEEP_SECONDS"
 }
@@ -194,10 +199,17 @@ step_pack() {
 echo "size=$SIZE epochs=$(epochs) seeds=$SEEDS sweep: $TRIALS trials per arm, $SWEEP_JOBS at once, ${SWEEP_SECONDS}s; paper budget ${PAPER_BUDGET}s; data $DATA" \
   > "$RESULTS/settings.txt"
 [ -f "$RESULTS/times.tsv" ] || printf 'step\tstarted\tseconds\texit\n' > "$RESULTS/times.tsv"
+declare -A NEEDS=([paper]=sweep [reports]=paper)
 for step in "${STEPS[@]}"; do
   if [ -e "$STATE/done/$step" ] && [ "$REDO" = 0 ]; then
     say "$step: finished before; skipped (--redo runs it again)"
     continue
+  fi
+  need=${NEEDS[$step]:-}
+  if [ -n "$need" ] && [ ! -e "$STATE/done/$need" ]; then
+    size_flag=""; [ "$SIZE" = tiny ] && size_flag="--tiny "
+    say "$step: waits for $need, which has not finished; run: bash $0 $size_flag$need $step"
+    exit 3
   fi
   say "$step: starting ($(cat "$RESULTS/settings.txt"))"
   t0=$(date +%s.%N)

@@ -293,7 +293,7 @@ def settings(args: argparse.Namespace) -> Settings:
     cells = tuple(int(n) for n in args.cells.split(",")) if args.cells else \
         ((1, 2) if quick else (1, 2, 4, 8))
     return Settings(device=device, models=models, cells=cells,
-                    seconds=args.seconds or (1.0 if quick else 8.0),
+                    seconds=args.seconds or (1.0 if quick else 6.0),
                     warmup=2 if quick else 20, threads=args.threads or (1 if quick else 2),
                     data=data, data_note=note, quick=quick)
 
@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="", help="comma-separated (default convnet4,alexnet_cifar)")
     p.add_argument("--cells", default="", help="cells at once, comma-separated (default 1,2,4,8)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="measured training time per row (default 8, --quick 1)")
+                   help="measured training time per row (default 6, --quick 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per cell (default 2, as `ablate run` gives a GPU job)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run (see above)")

@@ -52,6 +52,14 @@ def test_unknown_step_is_one_line_exit_2_and_help_is_the_header(tmp_path: Path):
     assert "JOB_LIMIT" in shown.stdout and "set -euo" not in shown.stdout
 
 
+def test_the_paper_grid_waits_for_its_sweep(tmp_path: Path):
+    early = job(tmp_path / "state", "--tiny", "paper")
+    assert early.returncode == 3
+    assert early.stdout.rstrip().endswith(
+        f"paper: waits for sweep, which has not finished; run: bash {JOB} --tiny sweep paper")
+    assert not (tmp_path / "state" / "mlruns" / "mlflow.db").exists()
+
+
 def test_pack_drops_the_logs_before_going_over_the_limit_and_fails_past_it(tools, tmp_path):
     state = tmp_path / "state"
     (state / "logs").mkdir(parents=True)
