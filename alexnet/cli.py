@@ -165,6 +165,7 @@ def run(
     from alexnet.runner import preflight_data
 
     preflight_data(cells)
+    store.client(uri)  # a broken store is one line before any progress is drawn
     decision = resolve_jobs(wanted_jobs, cells)
     if decision.reason:
         console.print(decision.reason, highlight=False)
@@ -310,15 +311,17 @@ def main() -> None:
 
     received = interrupt_on_sigterm()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False)  # Typer turns Ctrl-C into exit code 130 itself
     except click.ClickException as err:  # usage errors: click's own message, exit 2
         err.show()
         sys.exit(err.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        sig = received[-1] if received else signal.SIGINT
-        err_console.print(f"interrupted ({signal.Signals(sig).name}); finished cells are kept "
-                          "and the same command resumes the rest", highlight=False)
-        sys.exit(128 + sig)
+    except click.Abort:  # end of input at a prompt
+        code = 1
+    if received:
+        name = signal.Signals(received[-1]).name
+        err_console.print(f"interrupted ({name}); finished cells are kept and the same "
+                          "command resumes the rest", highlight=False)
+        sys.exit(128 + received[-1])
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -86,9 +86,12 @@ class Found:
                      and r.info.start_time >= since_ms), None)
 
     def resumable(self) -> Any | None:
-        """The latest interrupted run here (killed, or RUNNING with its process gone)."""
+        """The latest run here that stopped before its end: killed, RUNNING with its process
+        gone, or failed by an error (not a divergence) that a rerun may not repeat. It is
+        reopened, and goes on from its last checkpoint where it has one."""
         stopped = [r for r in self.here if r.info.status == "KILLED"
-                   or (r.info.status == "RUNNING" and tracking.is_stale(r))]
+                   or (r.info.status == "RUNNING" and tracking.is_stale(r))
+                   or (r.info.status == "FAILED" and r.data.tags.get("diverged") != "true")]
         return max(stopped, key=lambda r: r.info.start_time, default=None)
 
 
@@ -197,13 +200,16 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
         return Outcome(cell, "failed", run_id, str(err))
     except Exception as err:  # a bug or out of memory: this cell fails, the grid goes on
         reason = f"{type(err).__name__}: {err}"
+        if checkpoint is not None and checkpoint.exists():
+            reason += f" (its last checkpoint, {RESUME_ARTIFACT} in the run's artifacts, is kept: "\
+                      "a rerun resumes from it)"
         tracking.fail_run(c, run_id, reason)
         with tracking.artifact_dir(c, run_id) as folder:
             (folder / "traceback.txt").write_text(traceback.format_exc())
         return Outcome(cell, "failed", run_id, reason)
     _log_artifacts(c, run_id, cell, result, kept[0] if kept else None)
     tracking.end_cell_run(c, run_id, result)
-    if checkpoint is not None:
+    if checkpoint is not None:  # finished, or diverged: nothing left to resume
         checkpoint.remove()
     state: State = "finished" if result.status == "finished" else "diverged"
     return Outcome(cell, state, run_id, result.reason, result.final)
@@ -276,6 +282,9 @@ class ArtifactCheckpoint:
             self.c.download_artifacts(self.run_id, RESUME_ARTIFACT, self._dir.name)
             Path(self._dir.name, RESUME_ARTIFACT).replace(self.local.path)
         return self.local.load(key)
+
+    def exists(self) -> bool:
+        return self.local.exists()
 
     def save(self, state: dict[str, Any]) -> None:
         self.local.save(state)

@@ -184,9 +184,9 @@ def client(uri: str, *, create: bool = True) -> Any:
         except OSError as err:
             raise StoreError(f"cannot create the store {db} ({err.strerror or err}); pass "
                              "another --tracking-uri") from None
-    c = MlflowClient(tracking_uri=uri)
     try:
         with quiet_migrations():
+            c = MlflowClient(tracking_uri=uri)
             c.search_experiments(max_results=1)  # opens, checks the schema
     except Exception as err:  # sqlite3/sqlalchemy/alembic errors of a damaged file
         raise broken_store(db, err) from None

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -174,10 +175,15 @@ class Checkpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:
+        except pickle.UnpicklingError:  # weights_only refused something that could run code
+            log.warning("checkpoint %s holds more than tensors and plain data (it was not "
+                        "written by this project) and is never loaded; training from the "
+                        "start", self.path)
+            return None
+        except Exception as err:  # truncated, garbage
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else \
                 type(err).__name__
-            log.warning("checkpoint %s cannot be read safely (%s); training from the start",
+            log.warning("checkpoint %s cannot be read (%s); training from the start",
                         self.path, reason)
             return None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
@@ -192,6 +198,9 @@ class Checkpoint:
         tmp = self.path.with_suffix(self.path.suffix + f".tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from alexnet.ablation import known_ablations, load_ablation
+from alexnet.claims import CLAIMS
 from alexnet.config import QUICK_WIDTH_SCALE, build_config, parse_set
 from alexnet.errors import ConfigError
 
-SHIPPED = ["augmentation", "dropout", "normalization", "paper", "pca_lighting", "pooling",
-           "relu_vs_tanh", "towers"]
+SHIPPED = ["augmentation", "depth", "dropout", "ensemble", "normalization", "paper",
+           "pca_lighting", "pooling", "relu_vs_tanh", "towers"]
 
 
 def write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
@@ -58,7 +59,8 @@ def test_every_shipped_ablation_loads_and_expands_with_and_without_quick():
 def test_paper_includes_every_claim_ablation():
     paper = load_ablation("paper")
     assert {m.name for m in paper.members()} == set(SHIPPED) - {"paper"}
-    assert {"relu_speed", "lrn", "overlap_pool", "two_towers"} <= set(paper.claims)
+    assert set(paper.claims) == set(CLAIMS)  # every claim of the paper has its ablation
+    assert all(CLAIMS[c].ablation in {m.name for m in paper.members()} for c in CLAIMS)
 
 
 @pytest.mark.parametrize("quick", [False, True])
