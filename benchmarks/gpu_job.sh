@@ -17,7 +17,7 @@
 #   paper    ablate run paper --tuned: every claim's ablation on the whole CIFAR-10 training set
 #            (validation carved from it), full width, SEEDS seeds; cells shared by several
 #            ablations train once; relu_vs_tanh at its tuned rates, the others as configured
-#   reports  ablate report paper, and the report of each ablation it includes
+#   reports  ablate report paper, and the report of each ablation it includes (nine)
 #   pack     OUT/gpu-job-results.tar.gz: the MLflow and Optuna databases (no artifacts: no
 #            checkpoints or weights; the reports need only the database), reports/ with their
 #            figures, results/ (RESULTS.md with every new fragment in place, the fragments,
@@ -43,10 +43,11 @@
 #   the paper table, <= 10 min: sweep SWEEP_SECONDS (150 s; convnet4 trials stop at 25%
 #   training error or EPOCHS, TRIALS per arm, SWEEP_JOBS at once), paper PAPER_BUDGET (330 s)
 #   of packed training plus ~1.5 min of process start-up, logging and ensembles, reports ~1 min.
-#   The paper grid at 3 seeds is 33 distinct cells, 27 of them alexnet_cifar: one epoch of all
-#   of them is 27 x 3 s = 81 s alone, ~30-40 s packed 2-3x on the device, so 330 s hold ~8-10
-#   epochs. The packing step measures the real aggregate and writes the epochs that fit to
-#   STATE/plan.env; the sweep step reads it (else EPOCHS=8) and records what it used in
+#   The paper grid at 3 seeds is 42 distinct cells, 36 of them alexnet_cifar (the base cell is
+#   shared by eight ablations and trained once): one epoch of all of them is 36 x 3 s = 108 s
+#   alone, ~40-55 s packed 2-3x on the device, so 330 s hold ~6-8 epochs. The packing step
+#   measures the real aggregate and writes the epochs that fit to
+#   STATE/plan.env; the sweep step reads it (else EPOCHS=6) and records what it used in
 #   STATE/epochs, which the paper step reads: --tuned finds a sweep by its configuration, so
 #   both must train the same number of epochs. EPOCHS in the environment overrides both.
 #   SEEDS=5 where time allows (about 5/3 the paper step).
@@ -127,11 +128,11 @@ elif [ ! -d "$DATA/train" ]; then
 fi
 [ -f "$RESULTS/RESULTS.md" ] || cp "$ROOT/benchmarks/RESULTS.md" "$RESULTS/RESULTS.md"
 
-epochs() {  # the environment's, else the sweep's, else the packing step's plan, else 8
+epochs() {  # the environment's, else the sweep's, else the packing step's plan, else 6
   if [ -n "${EPOCHS:-}" ]; then echo "$EPOCHS"
   elif [ -f "$STATE/epochs" ]; then cat "$STATE/epochs"
   elif [ -f "$STATE/plan.env" ]; then sed -n 's/^EPOCHS=//p' "$STATE/plan.env"
-  else echo 8; fi
+  else echo 6; fi
 }
 DATA_ARGS=("${QUICK[@]}" --dataset imagefolder --data-root "$DATA")
 ablate() { (cd "$STATE" && limited "$PYTHON" -m alexnet "$@"); }
