@@ -15,29 +15,36 @@ from typing import Annotated, Any
 import typer
 
 from alexnet.cli_common import (
+    CpusPerCell,
     DataRoot,
     Dataset,
     Device,
     Epochs,
+    ExecutorName,
+    GpusPerCell,
     Jobs,
     Quick,
+    RayAddress,
     Seeds,
     SetItems,
     TrackingUri,
     command_overrides,
     console,
     err_console,
+    executor_for,
     parse_seeds,
     state,
     user_errors,
 )
 from alexnet.sweep_cli import sweep
+from alexnet.tracking_server import server
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Which of AlexNet's design choices matter? Run ablation grids, track them in MLflow, "
          "tune them with Optuna, and report measured deltas beside the paper's.")
 app.command()(sweep)
+app.command()(server)
 
 
 @app.callback()
@@ -124,6 +131,10 @@ def run(
     device: Device = None,
     set_: SetItems = None,
     jobs: Jobs = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    gpus_per_cell: GpusPerCell = None,
+    cpus_per_cell: CpusPerCell = 1,
     tuned: Annotated[bool, typer.Option(
         "--tuned", help="Each arm at its best lr and weight decay from `ablate sweep`.")] = False,
     storage: Annotated[str | None, typer.Option(
@@ -138,7 +149,7 @@ def run(
 ) -> None:
     """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped,
     interrupted ones resume, cells shared with another ablation are trained once."""
-    from alexnet import executors, store
+    from alexnet import store
     from alexnet.ablation import load_ablation
 
     uri = store.tracking_uri(tracking_uri)
@@ -158,9 +169,11 @@ def run(
     from alexnet.runner import preflight_data
 
     preflight_data(cells)
+    runner = executor_for(executor, jobs, cells, ray_address, gpus_per_cell, cpus_per_cell,
+                          {"--tracking-uri": uri})
     with RichProgress(console) as progress:
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
-                              executor=executors.local(jobs, cells[0].config.runtime.device),
+                              executor=runner,
                               parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
     print_summary(result)
     if result.failed:
