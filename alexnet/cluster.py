@@ -15,6 +15,7 @@ tasks: each running cell gets KeyboardInterrupt, ends KILLED and resumes on the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -196,7 +197,8 @@ class RayExecutor:
             _forward(ray, events, on_event)
             raise
         finally:
-            ray.kill(events)
+            with contextlib.suppress(Exception):  # a cluster gone: the error above says so
+                ray.kill(events)
 
 
 def _result(ray: Any, ref: Any) -> Any:
