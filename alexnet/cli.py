@@ -15,28 +15,35 @@ from typing import Annotated, Any
 import typer
 
 from alexnet.cli_common import (
+    CpusPerCell,
     DataRoot,
     Dataset,
     Device,
     Epochs,
+    ExecutorName,
+    GpusPerCell,
     Quick,
+    RayAddress,
     Seeds,
     SetItems,
     TrackingUri,
     command_overrides,
     console,
     err_console,
+    executor_for,
     parse_seeds,
     state,
     user_errors,
 )
 from alexnet.sweep_cli import sweep
+from alexnet.tracking_server import server
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Which of AlexNet's design choices matter? Run ablation grids, track them in MLflow, "
          "tune them with Optuna, and report measured deltas beside the paper's.")
 app.command()(sweep)
+app.command()(server)
 
 
 @app.callback()
@@ -126,6 +133,10 @@ def run(
         help="Cells run at once, in processes: N, or auto: on a GPU as many as its memory "
              "holds and keep it busy (a short probe measures one cell), on a CPU 1.")
     ] = "auto",
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    gpus_per_cell: GpusPerCell = None,
+    cpus_per_cell: CpusPerCell = 1,
     tuned: Annotated[bool, typer.Option(
         "--tuned", help="Each arm at its best lr and weight decay from `ablate sweep`.")] = False,
     storage: Annotated[str | None, typer.Option(
@@ -140,7 +151,7 @@ def run(
 ) -> None:
     """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped,
     interrupted ones resume, cells shared with another ablation are trained once."""
-    from alexnet import executors, store
+    from alexnet import store
     from alexnet.ablation import load_ablation
     from alexnet.packing import parse_jobs, resolve_jobs
 
@@ -166,13 +177,21 @@ def run(
 
     preflight_data(cells)
     store.client(uri)  # a broken store is one line before any progress is drawn
-    decision = resolve_jobs(wanted_jobs, cells)
-    if decision.reason:
-        console.print(decision.reason, highlight=False)
+    jobs_now = 1  # Ray places cells by the resources it has; --jobs is the local pool's
+    if executor != "local" and wanted_jobs != "auto":
+        raise ConfigError(f"--jobs {jobs} sizes the local process pool; with --executor "
+                          f"{executor} leave it out (--gpus-per-cell and --cpus-per-cell size "
+                          "a cell)")
+    if executor == "local":
+        decision = resolve_jobs(wanted_jobs, cells)
+        if decision.reason:
+            console.print(decision.reason, highlight=False)
+        jobs_now = decision.jobs
+    runner = executor_for(executor, jobs_now, cells, ray_address, gpus_per_cell, cpus_per_cell,
+                          {"--tracking-uri": uri})
     with RichProgress(console) as progress:
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
-                              executor=executors.local(decision.jobs,
-                                                       cells[0].config.runtime.device),
+                              executor=runner,
                               parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
     print_summary(result)
     if result.failed:

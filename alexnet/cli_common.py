@@ -7,13 +7,16 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from alexnet.errors import AblateError, ConfigError
+
+if TYPE_CHECKING:
+    from alexnet.executors import Executor
 
 # Piped output (CI logs, `| tee`) gets a width that fits the tables instead of 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -33,6 +36,17 @@ SetItems = Annotated[list[str] | None, typer.Option(
 TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns).")]
 Jobs = Annotated[int, typer.Option(min=1, help="Cells (or trials) run at once, in processes.")]
+ExecutorName = Annotated[str, typer.Option(
+    "--executor", help="local: --jobs processes here; ray: each cell a Ray task, as many at "
+                       "once as the cluster has room for (pip install -e '.[cluster]').")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", help="--executor ray: auto (the cluster `ray start` made), HOST:PORT or "
+                          "ray://HOST:10001; default: a new Ray cluster on this machine.")]
+GpusPerCell = Annotated[float | None, typer.Option(
+    "--gpus-per-cell", help="--executor ray: a cell's share of a GPU, 0.25 = four per GPU "
+                            "(default: estimated from the model and batch).")]
+CpusPerCell = Annotated[float, typer.Option(
+    "--cpus-per-cell", help="--executor ray: CPUs (threads) per cell that trains on CPUs.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,3 +101,30 @@ def command_overrides(epochs: int | None, dataset: str | None, data_root: Path |
         overrides["runtime.device"] = device
     overrides.update(parse_set(set_ or []))
     return overrides
+
+
+def executor_for(name: str, jobs: int, cells: list[Any], address: str | None,
+                 gpus_per_cell: float | None, cpus_per_cell: float,
+                 stores: dict[str, str]) -> Executor:
+    """The executor that ``--executor`` names, for ``cells`` (all of one device), checked
+    before anything is logged: a Ray cluster is reached, and ``stores`` (option -> URL) are
+    ones every node can reach."""
+    from alexnet import executors
+
+    if name == "local":
+        if address is not None or gpus_per_cell is not None:
+            option = "--ray-address" if address is not None else "--gpus-per-cell"
+            raise ConfigError(f"{option} goes with --executor ray; add it, or leave {option} out")
+        return executors.local(jobs, cells[0].config.runtime.device)
+    if name != "ray":
+        raise ConfigError(f"--executor {name!r}: choose local or ray")
+    if not (0 < cpus_per_cell < 1e4):
+        raise ConfigError(f"--cpus-per-cell {cpus_per_cell:g}: give a positive number")
+    from alexnet import cluster
+
+    if gpus_per_cell is not None:
+        cluster.check_gpus_per_cell(gpus_per_cell)
+    ray = cluster.connect(address)
+    cluster.check_shared_stores(ray, stores)
+    resources = cluster.plan_resources(ray, cells, gpus_per_cell, cpus_per_cell)
+    return cluster.RayExecutor(address, resources)

@@ -293,8 +293,12 @@ class ArtifactCheckpoint:
     def remove(self) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        repo = get_artifact_repository(self.c.get_run(self.run_id).info.artifact_uri)
+        # The client's tracking URI, not MLflow's global one: a tracking server's artifacts
+        # (mlflow-artifacts:/...) are reached through it. A checkpoint left behind is only
+        # disk space: it never fails a finished cell.
         with contextlib.suppress(Exception):
+            repo = get_artifact_repository(self.c.get_run(self.run_id).info.artifact_uri,
+                                           tracking_uri=self.c.tracking_uri)
             repo.delete_artifacts(Path(RESUME_ARTIFACT).parent.name)
         self._dir.cleanup()
 

@@ -10,18 +10,23 @@ from typing import Annotated, Any
 import typer
 
 from alexnet.cli_common import (
+    CpusPerCell,
     DataRoot,
     Dataset,
     Device,
     Epochs,
+    ExecutorName,
+    GpusPerCell,
     Jobs,
     Quick,
+    RayAddress,
     Seeds,
     SetItems,
     TrackingUri,
     command_overrides,
     console,
     err_console,
+    executor_for,
     parse_seeds,
     user_errors,
 )
@@ -55,6 +60,8 @@ def sweep(
         help="Seconds; no new trial starts after this (running ones finish).")] = None,
     quick: Quick = False,
     jobs: Jobs = 1,
+    executor: ExecutorName = "local", ray_address: RayAddress = None,
+    gpus_per_cell: GpusPerCell = None, cpus_per_cell: CpusPerCell = 1,
     storage: Annotated[str | None, typer.Option(
         help="Optuna storage: an RDB URL (sqlite:///path.db, postgresql://...) shared by "
              "machines, or a journal file. Default: optuna.db beside the MLflow store.")] = None,
@@ -80,7 +87,7 @@ def sweep(
     Optuna study per arm, every trial an MLflow run under the arm's sweep run; then `ablate
     run NAME --tuned`. The objective is the last epoch's validation top-1 error, which the
     pruner sees every epoch. Running a sweep again continues its studies."""
-    from alexnet import executors, store
+    from alexnet import store
     from alexnet.ablation import load_ablation, select_arms
     from alexnet.sweep import (
         PRUNERS,
@@ -112,9 +119,10 @@ def sweep(
         print_studies(list_studies(spec, [m.name for m in ab.members()]),
                       {study_name(c) for c in arms}, store.redact(spec))
         return
-    summaries, short = run_sweep(arms, uri, spec, opts,
-                                 executors.local(jobs, arms[0].config.runtime.device),
-                                 started=started, on_event=lambda event: None,
+    runner = executor_for(executor, jobs, arms, ray_address, gpus_per_cell, cpus_per_cell,
+                          {"--tracking-uri": uri, "--storage": spec})
+    summaries, short = run_sweep(arms, uri, spec, opts, runner, started=started,
+                                 on_event=lambda event: None,
                                  tags={"command": " ".join(["ablate", *sys.argv[1:]])})
     print_studies(summaries, None, store.redact(spec))
     console.print(f"then: ablate run {name}{' --quick' if quick else ''} --tuned", highlight=False)

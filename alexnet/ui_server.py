@@ -20,6 +20,8 @@ from alexnet.tracking import CLAIMS_EXPERIMENT
 from alexnet.ui import experiment_url, newest_view
 
 TELEMETRY_SWITCH = "MLFLOW_DISABLE_TELEMETRY"
+QUIET_SWITCHES = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def quiet_mlflow() -> None:
@@ -29,6 +31,11 @@ def quiet_mlflow() -> None:
     MLflow reads the switch when it is first imported, so call this before that: at the CLI's
     start. Called later, it also drops the telemetry client MLflow already made.
     """
+    # Lines through a grid's progress bars: a tracking server's client prints a "View run at"
+    # link for every run it ends (`ablate ui` prints the URLs worth having), and every artifact
+    # downloaded (a checkpoint to resume, an ensemble's weights) draws a progress bar.
+    for name, value in QUIET_SWITCHES.items():
+        os.environ.setdefault(name, value)
     if TELEMETRY_SWITCH in os.environ:
         return
     os.environ[TELEMETRY_SWITCH] = "true"
