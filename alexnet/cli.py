@@ -151,11 +151,15 @@ def run(
 ) -> None:
     """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped,
     interrupted ones resume, cells shared with another ablation are trained once."""
-    from alexnet import store
+    from alexnet import errors, store
     from alexnet.ablation import load_ablation
     from alexnet.packing import parse_jobs, resolve_jobs
 
     wanted_jobs = parse_jobs(jobs)
+    if executor != "local" and wanted_jobs != "auto":
+        raise errors.ConfigError(f"--jobs {jobs} sizes the local process pool; with "
+                                 f"--executor {executor} leave it out (--gpus-per-cell and "
+                                 "--cpus-per-cell size a cell)")
     uri = store.tracking_uri(tracking_uri)
     store.check_store(uri)
     ab = load_ablation(name)
@@ -178,10 +182,6 @@ def run(
     preflight_data(cells)
     store.client(uri)  # a broken store is one line before any progress is drawn
     jobs_now = 1  # Ray places cells by the resources it has; --jobs is the local pool's
-    if executor != "local" and wanted_jobs != "auto":
-        raise ConfigError(f"--jobs {jobs} sizes the local process pool; with --executor "
-                          f"{executor} leave it out (--gpus-per-cell and --cpus-per-cell size "
-                          "a cell)")
     if executor == "local":
         decision = resolve_jobs(wanted_jobs, cells)
         if decision.reason:
