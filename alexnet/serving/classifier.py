@@ -113,9 +113,12 @@ def decode_image(data: bytes, what: str, check_size: Any = None) -> Tensor:
             if check_size is not None:
                 check_size(im.width, im.height, what)
             rgb = im.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except UnidentifiedImageError:
         raise DataError(f"{what} is not an image PIL can read (PNG, JPEG, BMP, WebP, ...); "
                         "pass an image file") from None
+    except Image.DecompressionBombError as err:  # more pixels than PIL will ever decode
+        raise DataError(f"{what} is too large to decode ({err}); pass a smaller image"
+                        ) from None
     except OSError as err:  # truncated or corrupt
         raise DataError(f"{what} cannot be decoded ({str(err).strip() or type(err).__name__}); "
                         "pass an intact image file") from None

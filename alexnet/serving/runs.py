@@ -106,7 +106,7 @@ def find_cell_run(c: Any, uri: str, ablation: str, arm: str, seed: int | None) -
     runs = tracking.cell_runs(c, [exp.experiment_id]) if exp is not None else []
     labels = sorted({r.data.tags.get("arm", "") for r in runs} | set(_file_arms(ablation)))
     labels = [a for a in labels if a]
-    if not labels:
+    if not runs:
         raise StoreError(f"no runs of ablation {ablation} in {store.redact(uri)}; run "
                          f"`ablate run {ablation} --quick` first (`ablate list` names them)")
     label = match_arm(arm, labels, ablation)
