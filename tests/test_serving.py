@@ -165,6 +165,13 @@ def test_heldout_predictions_keep_the_wrong_images_pixel_for_pixel(tmp_path, ove
     np.testing.assert_array_equal(again["pool_images"], held["pool_images"])
 
 
+def test_model_logging_is_a_runtime_switch_outside_the_cell_key():
+    on = build_config("quick")
+    off = build_config("quick", {"runtime.log_model": False})
+    assert on.runtime.log_model and not off.runtime.log_model
+    assert on.key() == off.key()  # a cell trained without its model is the same cell
+
+
 # --- naming a cell -------------------------------------------------------------------------
 
 
@@ -469,3 +476,14 @@ def test_the_demo_page_shows_both_arms_top5_for_a_dropped_image(quick_grid):
             assert f"{rank}. {entry['class']} — {100 * entry['probability']:.1f}%" in block
     assert text.index("activation=relu") < text.index("activation=tanh")
     assert (root / "demo.png").stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_demo_names_what_is_wrong_in_one_line(quick_grid):
+    import importlib.util
+
+    installed = importlib.util.find_spec("streamlit") is not None
+    out = _ablate(quick_grid["root"], "demo", "normalization", "--port", str(_free_port()))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert ("ablation normalization has no finished run" if installed
+            else "`ablate demo` needs Streamlit") in out.stderr

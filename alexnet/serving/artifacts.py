@@ -18,6 +18,7 @@ CONFIG_ARTIFACT = "config.yaml"
 PREPROCESS_ARTIFACT = "weights/preprocess.json"
 HELDOUT_ARTIFACT = "heldout/predictions.npz"
 MODEL_NAME = "model"  # the logged MLflow model: runs:/<run id>/model
+MODEL_ERROR_TAG = "ablate.model_error"  # why a finished cell has no MLflow model
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 

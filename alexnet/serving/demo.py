@@ -15,7 +15,7 @@ from typing import Any
 
 from alexnet import store
 from alexnet.errors import AblateError, StoreError
-from alexnet.serving.runs import CellRun, find_cell_run
+from alexnet.serving.runs import CellRun, file_arms, find_cell_run, open_client
 
 APP = Path(__file__).with_name("demo_app.py")
 INSTALL_HINT = "pip install 'alexnet-ablate[demo]'"
@@ -25,12 +25,14 @@ def demo_groups(uri: str, ablations: list[str], seed: int | None) -> list[dict[s
     """Each ablation's arms that have a finished run: [{ablation, arms: [{label, seed,
     run_id, source_id}]}]. No ablation named: every ablation in the store."""
     from alexnet import tracking
-    from alexnet.serving.runs import _client
 
-    c = _client(uri, ablations[0] if ablations else "NAME")
+    c = open_client(uri, ablations[0] if ablations else "NAME")
     names = ablations or sorted(
         e.name for e in c.search_experiments(max_results=50000)
         if tracking.cell_runs(c, [e.experiment_id]))
+    if not names:
+        raise StoreError(f"no finished cell in {store.redact(uri)}; run an ablation first "
+                         "(ablate run relu_vs_tanh --quick)")
     groups = []
     for name in names:
         exp = c.get_experiment_by_name(name)
@@ -58,9 +60,7 @@ def demo_groups(uri: str, ablations: list[str], seed: int | None) -> list[dict[s
 
 def _order(ablation: str) -> Callable[[str], tuple[int, str]]:
     """The ablation file's arm order (its reference first, as it lists them), where found."""
-    from alexnet.serving.runs import _file_arms
-
-    known = _file_arms(ablation)
+    known = file_arms(ablation)
     return lambda label: (known.index(label) if label in known else len(known), label)
 
 

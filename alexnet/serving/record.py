@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from alexnet import tracking
 from alexnet.serving.artifacts import (
     CONFIG_ARTIFACT,
     HELDOUT_ARTIFACT,
+    MODEL_ERROR_TAG,
     MODEL_NAME,
     PREPROCESS_ARTIFACT,
     quiet_mlflow,
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from alexnet.ablation import Cell
     from alexnet.data import Data
 
+log = logging.getLogger(__name__)
 POOL = 256  # held-out images (the first ones) whose wrongly classified images are kept
 THUMBNAIL = 64  # largest side of a kept image: enough to recognise it in a gallery
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -55,7 +59,12 @@ def log_cell_outputs(c: Any, run_id: str, cell: Cell, model: torch.nn.Module, da
     (folder / HELDOUT_ARTIFACT).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / HELDOUT_ARTIFACT, **held)
     if cell.config.runtime.log_model:
-        log_mlflow_model(c, run_id, cell, folder, weights)
+        try:
+            log_mlflow_model(c, run_id, cell, folder, weights)
+        except Exception as err:  # the cell's training stands; only serving it is lost
+            reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+            log.warning("run %s: its MLflow model could not be logged (%s)", run_id, reason)
+            tracking.set_tags(c, run_id, {MODEL_ERROR_TAG: reason})
 
 
 # --- held-out predictions ------------------------------------------------------------------

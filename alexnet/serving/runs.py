@@ -15,7 +15,13 @@ from typing import Any
 
 from alexnet import store
 from alexnet.errors import StoreError
-from alexnet.serving.artifacts import CONFIG_ARTIFACT, MODEL_NAME, PREPROCESS_ARTIFACT, fetch
+from alexnet.serving.artifacts import (
+    CONFIG_ARTIFACT,
+    MODEL_ERROR_TAG,
+    MODEL_NAME,
+    PREPROCESS_ARTIFACT,
+    fetch,
+)
 from alexnet.serving.classifier import Classifier, load_classifier
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -48,6 +54,11 @@ class CellRun:
         return f"{self.ablation} {self.arm} seed {self.seed} (run {self.run_id})"
 
     @property
+    def model_error(self) -> str | None:
+        """Why its MLflow model could not be logged, where that failed (``record``)."""
+        return self.run.data.tags.get(MODEL_ERROR_TAG)
+
+    @property
     def model_uri(self) -> str:
         return f"runs:/{self.source_id}/{MODEL_NAME}"
 
@@ -57,7 +68,7 @@ def resolve(uri: str, target: str, arm: str | None, seed: int | None) -> CellRun
     names; a StoreError or ConfigError of one line when there is none."""
     from alexnet.errors import ConfigError
 
-    c = _client(uri, target)
+    c = open_client(uri, target)
     if RUN_ID.match(target) and c.get_experiment_by_name(target) is None:
         if arm is not None or seed is not None:
             raise ConfigError(f"{target} is a run id: --arm and --seed name a cell of an "
@@ -69,7 +80,8 @@ def resolve(uri: str, target: str, arm: str | None, seed: int | None) -> CellRun
     return find_cell_run(c, uri, target, arm, seed)
 
 
-def _client(uri: str, name: str) -> Any:
+def open_client(uri: str, name: str) -> Any:
+    """A client on an existing store; ``name`` (what the user asked for) is in its error."""
     db = store.sqlite_path(uri)
     if db is not None and not db.exists():
         raise StoreError(f"no runs in {uri}; run an ablation first (ablate run {name} --quick)"
@@ -104,7 +116,7 @@ def find_cell_run(c: Any, uri: str, ablation: str, arm: str, seed: int | None) -
 
     exp = c.get_experiment_by_name(ablation)
     runs = tracking.cell_runs(c, [exp.experiment_id]) if exp is not None else []
-    labels = sorted({r.data.tags.get("arm", "") for r in runs} | set(_file_arms(ablation)))
+    labels = sorted({r.data.tags.get("arm", "") for r in runs} | set(file_arms(ablation)))
     labels = [a for a in labels if a]
     if not runs:
         raise StoreError(f"no runs of ablation {ablation} in {store.redact(uri)}; run "
@@ -131,7 +143,7 @@ def find_cell_run(c: Any, uri: str, ablation: str, arm: str, seed: int | None) -
     return _cell_run(chosen[0])
 
 
-def _file_arms(ablation: str) -> list[str]:
+def file_arms(ablation: str) -> list[str]:
     """The arm labels the ablation file names, where it can be found (else none)."""
     try:
         from alexnet.ablation import load_ablation

@@ -53,9 +53,9 @@ def serve_model(uri: str, cell_run: CellRun, host: str, port: int,
     Returns the exit code."""
     check_port_free(host, port)
     if not has_mlflow_model(uri, cell_run):
-        raise StoreError(f"run {cell_run.source_id} logged no MLflow model (it ran with "
-                         "runtime.log_model=false); rerun the cell with it on: ablate run "
-                         f"{cell_run.ablation} --force")
+        why = cell_run.model_error or "it ran with runtime.log_model=false"
+        raise StoreError(f"run {cell_run.source_id} logged no MLflow model ({why}); rerun the "
+                         f"cell with model logging on: ablate run {cell_run.ablation} --force")
     env = serve_env(uri)
     size = cell_run.run.data.params.get("data.image_size", "?")
     echo(f"Serving {cell_run.describe()} from {cell_run.model_uri}")
