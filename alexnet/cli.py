@@ -35,6 +35,7 @@ from alexnet.cli_common import (
     state,
     user_errors,
 )
+from alexnet.serving.cli import demo, predict, serve
 from alexnet.sweep_cli import sweep
 from alexnet.tracking_server import server
 
@@ -319,6 +320,12 @@ def describe_model(
     model = build_model(name, num_classes, **{k: v for k, v in given.items() if v is not None})
     rows = describe(model, input_size(name))
     console.print(render_table(rows, sum(p.numel() for p in model.parameters())))
+
+
+# --- predict / serve / demo: a finished cell's model at work (alexnet.serving.cli) ---------
+
+for _command in (predict, serve, demo):
+    app.command()(_command)
 
 
 def main() -> None:

@@ -162,6 +162,7 @@ class RuntimeConfig(_Section):
     threads: int | None = Field(None, ge=1)  # CPU threads for this run
     num_workers: int = Field(4, ge=0)  # DataLoader workers on the streaming path
     checkpoint: bool = True  # save at the end of every epoch, to resume
+    log_model: bool = True  # a finished cell logs its MLflow model (`ablate serve`)
 
 
 class RunConfig(_Section):

@@ -207,7 +207,8 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
         with tracking.artifact_dir(c, run_id) as folder:
             (folder / "traceback.txt").write_text(traceback.format_exc())
         return Outcome(cell, "failed", run_id, reason)
-    _log_artifacts(c, run_id, cell, result, kept[0] if kept else None)
+    _log_artifacts(c, run_id, cell, result, kept[0] if kept else None,
+                   outputs=task.kind == "cell")
     tracking.end_cell_run(c, run_id, result)
     if checkpoint is not None:  # finished, or diverged: nothing left to resume
         checkpoint.remove()
@@ -308,9 +309,11 @@ def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
         c.log_artifact(run_id, str(profiler.trace), artifact_path="profile")
 
 
-def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: Any) -> None:
+def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: Any,
+                   outputs: bool = False) -> None:
     """The resolved config, the learning curves and the final weights (a state dict: loading
-    it runs no code)."""
+    it runs no code); with ``outputs`` (grid cells, not sweep trials), what serving and the
+    report need too: held-out predictions and the MLflow model (alexnet.serving.record)."""
     import torch
     import yaml
 
@@ -322,6 +325,11 @@ def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: An
         if model is not None:
             (folder / "weights").mkdir()
             torch.save(model.state_dict(), folder / WEIGHTS_ARTIFACT)
+            if outputs:
+                from alexnet.serving.record import log_cell_outputs
+
+                log_cell_outputs(c, run_id, cell, model, open_data_once(cell), folder,
+                                 folder / WEIGHTS_ARTIFACT)
 
 
 def plot_learning_curves(result: RunResult, cell: Cell, path: Path) -> None:

@@ -152,7 +152,7 @@ def serve_ui(uri: str, host: str, port: int, echo: Callable[[str], None] = print
     return run_server(server_command(uri, host, port), env)
 
 
-def run_server(args: list[str], env: dict[str, str]) -> int:
+def run_server(args: list[str], env: dict[str, str], what: str = "the MLflow server") -> int:
     """Run the server until it stops; Ctrl-C (or SIGTERM, SIGHUP) asks it to stop.
 
     It runs in a session of its own so that a terminal's Ctrl-C reaches it once, through us:
@@ -176,6 +176,6 @@ def run_server(args: list[str], env: dict[str, str]) -> int:
             signal.signal(s, handler)
     if asked:
         return 0
-    print(f"error: the MLflow server stopped by itself (exit code {code}); its messages are "
-          "above", file=sys.stderr)
+    print(f"error: {what} stopped by itself (exit code {code}); its messages are above",
+          file=sys.stderr)
     return code or 1

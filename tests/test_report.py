@@ -771,3 +771,156 @@ def test_nothing_finished_yet(store: dict, tmp_path: Path) -> None:
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["augmentation/deltas.png"] and (tmp_path / links[0]).is_file()
     assert missing in store["paper"].read_text()
+
+
+# --- the models at work: held-out predictions logged by each cell ---------------------------
+
+CLASSES = ["cat", "dog", "ship"]
+LABELS = np.repeat([0, 1, 2], 4)  # twelve held-out images, four per class
+# (arm, seed) -> the class predicted for each image, and its probability
+PREDICTED = {("on", 0): [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2],
+             ("on", 1): [0, 0, 0, 0, 1, 0, 1, 1, 2, 2, 2, 2],
+             ("off", 0): [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 2],
+             ("off", 1): [0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2]}
+OFF_SEED0_CONFIDENCE = {5: 0.6, 6: 0.9, 7: 0.7, 8: 0.8}
+# dropout on: final train / val error 20% / 30% per seed; off: 5% / 40% (the gap opens)
+DROPOUT_FINAL = {"on": (0.30, 0.20, 2), "off": (0.40, 0.05, 1)}
+
+
+def _at_work(text: str) -> str:
+    """The "models at work" section, its sub-sections included."""
+    return text.split("## The models at work", 1)[1].split("\n## ", 1)[0]
+
+
+def _heldout_file(folder: Path, arm: str, seed: int) -> Path:
+    """What ``serving.record`` logs: every image's prediction, and the wrong ones' pixels
+    (image i is filled with the grey level 20·i, so a gallery shows which it took)."""
+    predicted = np.array(PREDICTED[(arm, seed)], dtype=np.int32)
+    confidence = np.full(len(LABELS), 0.5, np.float32)
+    if (arm, seed) == ("off", 0):
+        for i, p in OFF_SEED0_CONFIDENCE.items():
+            confidence[i] = p
+    wrong = np.flatnonzero(predicted != LABELS).astype(np.int32)
+    images = np.stack([np.full((8, 8, 3), 20 * i, np.uint8) for i in wrong]) if len(wrong) \
+        else np.zeros((0, 8, 8, 3), np.uint8)
+    path = folder / f"{arm}{seed}" / "predictions.npz"
+    path.parent.mkdir(parents=True)
+    np.savez_compressed(path, split=np.array("test"), classes=np.array(CLASSES),
+                        index=np.arange(len(LABELS), dtype=np.int32),
+                        label=LABELS.astype(np.int32), predicted=predicted,
+                        confidence=confidence, pool_size=np.array(len(LABELS)),
+                        pool_index=wrong, pool_images=images)
+    return path
+
+
+@pytest.fixture(scope="module")
+def at_work(store_root: Path) -> dict:
+    """A dropout grid (on = reference, off; seeds 0 and 1) whose cells logged held-out
+    predictions; dropout on, seed 1 is a reuse of a run in another experiment."""
+    root = store_root / "at_work"
+    (root / "mlruns").mkdir(parents=True)
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    c = store_mod.client(uri)
+    exp_id = tracking.get_experiment_id(c, uri, "dropout")
+    cells = [(_cell("dropout", "dropout", arm, seed, ["dropout"]), DROPOUT_FINAL[arm], None)
+             for arm in ("on", "off") for seed in (0, 1)]
+    _, run_ids = _grid(c, exp_id, cells)
+    elsewhere = c.create_run(tracking.get_experiment_id(c, uri, "elsewhere")).info.run_id
+    for (cell, _, _), run_id in zip(cells, run_ids, strict=True):
+        arm, seed = cell.arms["dropout"], cell.seed
+        holder = elsewhere if (arm, seed) == ("on", 1) else run_id
+        c.log_artifact(holder, str(_heldout_file(root, arm, seed)), "heldout")
+        if holder != run_id:
+            tracking.set_tags(c, run_id, {"ablate.reused_from": elsewhere})
+    out = root / "reports"
+    return {"uri": uri, "out": out, "report": write_report("dropout", uri, out).read_text()}
+
+
+def test_each_arm_is_compared_with_its_reference_on_the_logged_predictions(at_work):
+    from alexnet.report import heldout, select_all
+    from alexnet.report.load import load_runs
+
+    runs = load_runs("dropout", at_work["uri"])
+    used = select_all(runs)["dropout"].used
+    held = heldout.load(at_work["uri"], used)
+    assert len(held) == 4  # the reused run's predictions come from the run it reuses
+    [c], notes = heldout.comparisons(used, runs.reference["dropout"], held, [])
+    assert notes == [] and (c.reference, c.arm, c.seeds) == ("dropout=on", "dropout=off", [0, 1])
+    np.testing.assert_array_equal(c.confusion_reference, [[8, 0, 0], [2, 6, 0], [0, 0, 8]])
+    np.testing.assert_array_equal(c.confusion_arm, [[8, 0, 0], [6, 2, 0], [0, 1, 7]])
+    assert c.error("reference") == pytest.approx(100 * 2 / 24)
+    assert c.error("arm") == pytest.approx(100 * 7 / 24)
+    assert c.disagree == pytest.approx(5 / 24)
+    per = c.per_class().set_index("class")
+    assert per.loc["dog"].tolist() == pytest.approx([25.0, 75.0, 50.0])  # (25+25)/2, (100+50)/2
+    assert per.loc["ship"].tolist() == pytest.approx([0.0, 12.5, 12.5])
+    assert per.loc["cat", "delta"] == 0
+    # The gallery: seed 0, where only dropout off is wrong, its most confident mistake first,
+    # each image from the run that kept it.
+    assert [d.index for d in c.gallery] == [6, 8, 7, 5]
+    assert [int(d.image[0, 0, 0]) for d in c.gallery] == [120, 160, 140, 100]
+    assert (c.gallery[1].label, c.gallery[1].reference, c.gallery[1].arm) == (
+        "ship", ("ship", 0.5), ("dog", pytest.approx(0.8)))
+
+
+def test_the_report_shows_the_models_at_work(at_work):
+    text, out = at_work["report"], at_work["out"]
+    section = _at_work(text)
+    assert ("On the 12 held-out test images, over seed(s) 0, 1: 29.2% error for dropout=off "
+            "against 8.3% for dropout=on (the reference); the two label 20.8% of the images "
+            "differently.") in section
+    row = _table_row(section, "dog")
+    assert row[1:] == ["25.0", "75.0", "+50.00"]
+    assert section.index("| dog") < section.index("| ship") < section.index("| cat")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    stem = "dropout/dropout-off_vs_dropout-on"
+    mine = [f"{stem}_confusion.png", f"{stem}_class_delta.png", f"{stem}_disagreements.png",
+            "dropout/dropout_train_vs_val.png"]
+    assert [link for link in links if link in mine] == mine
+    for link in mine:
+        assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Training against validation error" in text
+    assert text.index("## The models at work") < text.index("## Figures")
+
+
+def test_model_figures_draw_what_was_measured(at_work):
+    from alexnet.report import heldout, model_figures, select_all
+    from alexnet.report.load import HISTORY_KEYS, load_runs, metric_histories
+
+    runs = load_runs("dropout", at_work["uri"])
+    used = select_all(runs)["dropout"].used
+    [c], _ = heldout.comparisons(used, runs.reference["dropout"],
+                                 heldout.load(at_work["uri"], used), [])
+    fig = model_figures.confusion_pair(c)
+    left, right = fig.axes[:2]
+    np.testing.assert_allclose(np.asarray(left.collections[0].get_array()).reshape(3, 3),
+                               [[100, 0, 0], [25, 75, 0], [0, 0, 100]])
+    np.testing.assert_allclose(np.asarray(right.collections[0].get_array()).reshape(3, 3),
+                               [[100, 0, 0], [75, 25, 0], [0, 12.5, 87.5]])
+    assert (left.get_xlabel(), left.get_ylabel()) == ("predicted class", "true class")
+    assert [t.get_text() for t in left.get_yticklabels()] == CLASSES
+    assert left.get_title() == "dropout=on (reference)\n8.3% error"
+    bars = model_figures.class_delta(c).axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["dog", "ship", "cat"]
+    assert [p.get_width() for p in bars.patches] == pytest.approx([50, 12.5, 0])
+    assert "percentage points" in bars.get_xlabel() and bars.get_ylabel() == "true class"
+    gallery = model_figures.gallery(c)
+    shown = [ax for ax in gallery.axes if ax.images]
+    assert [ax.get_title() for ax in shown] == ["#6 true: dog", "#8 true: ship",
+                                                "#7 true: dog", "#5 true: dog"]
+    assert [t.get_text() for t in shown[1].texts] == ["on: ship 50%", "off: dog 80%"]
+    history = metric_histories(at_work["uri"], used["run_id"], HISTORY_KEYS)
+    curves = model_figures.overfitting(history, used, axis="dropout", arms=["on", "off"])
+    on, off = curves.axes[:2]
+    assert on.get_title() == "dropout=on: final gap 10.0 pp"
+    assert off.get_title() == "dropout=off: final gap 35.0 pp"
+    train, val = (line.get_ydata() for line in off.get_lines()[:2])
+    assert train[-1] == pytest.approx(5.0) and val[-1] == pytest.approx(40.0)
+    assert off.get_xlabel() == "epoch" and on.get_ylabel() == "top-1 error (%)"
+
+
+def test_runs_without_logged_predictions_say_so_and_draw_nothing(store: dict) -> None:
+    section = _at_work(store["relu"].read_text())
+    assert "activation=tanh against activation=relu: no seed has held-out predictions" \
+        in section
+    assert "![" not in section

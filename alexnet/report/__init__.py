@@ -127,11 +127,48 @@ def _write_ablation(name: str, uri: str, out_dir: Path, grids: Sequence[str]) ->
         figures.save(figures.forest(results), fig_dir / "deltas.png")
         figs[f"{name}/deltas.png"] = "measured against the paper's deltas"
 
+    at_work = models_at_work(uri, name, out_dir, used, reference, order, results, history)
     text = ablation_md.ablation_report(
         name=name, title=runs.titles.get(name), uri=uri, exp_id=runs.experiments[name],
         sel=sel, arms=arms, problems=stats.problem_runs(sel.cells), results=results,
-        ensembles=ensembles, figures=figs, reference=reference, target_pct=target)
+        ensembles=ensembles, figures=figs, reference=reference, target_pct=target,
+        models_at_work=at_work)
     return _write(out_dir / f"{name}.md", text)
+
+
+def models_at_work(uri: str, name: str, out_dir: Path, used: pd.DataFrame,
+                   reference: dict[str, str], order: list[str], results: list[ClaimResult],
+                   history: pd.DataFrame) -> list[str]:
+    """The "models at work" section and its figures: each ablated arm against its reference
+    on the held-out images (from the runs' logged predictions), and, for the over-fitting
+    claims (Sections 4.1, 4.2), both arms' training and validation curves side by side."""
+    from alexnet.report import figures, heldout, heldout_md, model_figures
+
+    if used.empty:
+        return []
+    found, notes = heldout.comparisons(used, reference, heldout.load(uri, used), order)
+    shown = []
+    for c in found:
+        stem = f"{name}/{c.arm}_vs_{c.reference}".replace("=", "-").replace(",", "_")
+        figs = {f"{stem}_confusion.png": (model_figures.confusion_pair, "confusion matrices of "
+                                          f"{c.reference} and {c.arm} on the held-out split"),
+                f"{stem}_class_delta.png": (model_figures.class_delta, "per-class error of "
+                                            f"{c.arm} minus {c.reference}"),
+                f"{stem}_disagreements.png": (model_figures.gallery, "held-out images on "
+                                              f"which {c.reference} and {c.arm} disagree")}
+        for path, (draw, _) in figs.items():
+            figures.save(draw(c), out_dir / path)
+        shown.append((c, {path: alt for path, (_, alt) in figs.items()}))
+    curves = {}
+    for r in results:
+        if r.claim.metric == "gap" and f"axis.{r.claim.axis}" in used:
+            path = f"{name}/{r.claim.axis}_train_vs_val.png"
+            figures.save(model_figures.overfitting(history, used, axis=r.claim.axis,
+                                                   arms=[r.claim.arm, r.claim.baseline]),
+                         out_dir / path)
+            curves[path] = (f"training and validation error of {r.claim.axis}={r.claim.arm} "
+                            f"and {r.claim.axis}={r.claim.baseline}, side by side")
+    return heldout_md.section(shown, notes, curves)
 
 
 def _compared(used: pd.DataFrame, r: ClaimResult) -> pd.DataFrame:

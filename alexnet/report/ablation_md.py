@@ -161,7 +161,8 @@ def ensemble_lines(ensembles: pd.DataFrame, rows: list[ClaimResult],
 def ablation_report(*, name: str, title: str | None, uri: str, exp_id: str, sel: Selection,
                     arms: pd.DataFrame, problems: pd.DataFrame, results: list[ClaimResult],
                     ensembles: list[ClaimResult], figures: dict[str, str],
-                    reference: dict[str, str], target_pct: float) -> str:
+                    reference: dict[str, str], target_pct: float,
+                    models_at_work: list[str] | None = None) -> str:
     cells, used = sel.cells, sel.used
     out = [f"# Ablation `{name}`" + (f": {title}" if title else ""), ""]
     if results:
@@ -196,6 +197,7 @@ def ablation_report(*, name: str, title: str | None, uri: str, exp_id: str, sel:
                     filter(None, [AGREES, split_sentence(results)])), "",
                 delta_table(results), "", *claim_notes(results), ""]
     out += ensemble_lines(sel.ensembles, ensembles, sel.all_cells)
+    out += models_at_work or []  # report.models_at_work: held-out predictions, over-fitting
     out += ["## Figures", ""]
     for path, alt in figures.items():
         out += [image(path, alt), ""]

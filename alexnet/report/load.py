@@ -32,7 +32,8 @@ _TAGS = {"ablation": "ablation", "arm": "arm", "seed": "seed", "cell_key": "cell
          "dataset_fingerprint": "dataset_fingerprint", "device": "device", "tuned": "tuned",
          "failure_reason": "failure_reason", "diverged": "diverged",
          "ablate.heartbeat_ms": "ablate.heartbeat_ms", "command": "command",
-         "members": "members", "seeds": "seeds", "split": "split"}
+         "members": "members", "seeds": "seeds", "split": "split",
+         "ablate.reused_from": "reused_from"}
 GRID_COLUMNS = ["run_id", "experiment", "status", "start_time", "command", "grid_key",
                 "cells"]
 ENSEMBLE_COLUMNS = ["run_id", "experiment", "status", "start_time", "arm", "grid_key",
