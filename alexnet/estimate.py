@@ -103,6 +103,16 @@ class GridClock:
             self.took.setdefault(grid_key, []).append(now - clock.started)
 
     def per_cell(self, grid_key: str, now: float) -> float | None:
+        """Seconds a cell of this grid takes: as measured here, else as in the store, else
+        as its running cells look now, else (roughly) as any other grid's cells."""
+        own = self._own(grid_key, now)
+        if own is not None:
+            return own
+        others = [t for g in {*self.took, *self.past, *(g for g, _ in self.running.values())}
+                  if g != grid_key and (t := self._own(g, now)) is not None]
+        return fmean(others) if others else None
+
+    def _own(self, grid_key: str, now: float) -> float | None:
         if self.took.get(grid_key):
             return fmean(self.took[grid_key])
         if grid_key in self.past:

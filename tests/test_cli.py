@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,7 +100,7 @@ def test_grid_logs_one_parent_and_a_finished_child_per_cell_then_skips_them(tmp_
 
     again = ablate(tmp_path, "run", "tiny")  # its speed is measured by hand, not timed here
     assert again.returncode == 0, again.stderr
-    assert "2 already finished" in again.stdout or "skipped" in again.stdout
+    assert "tiny: 0 cells to train, 4 already finished" in again.stdout
     _, runs_after = store_runs(tmp_path)
     assert len(runs_after) == len(runs)  # trained nothing, logged nothing
     shown = ablate(tmp_path, "show", "tiny")
@@ -472,3 +473,16 @@ def test_show_lists_each_scale_in_the_store_and_clean_deletes_after_yes(tmp_path
     assert done.returncode == 0 and f"deleted {len(runs)} runs" in done.stdout
     assert store_runs(tmp_path)[1] == []
     assert "nothing of tiny in the store yet" in ablate(tmp_path, "show", "tiny").stdout
+
+
+@pytest.mark.slow
+def test_after_the_readmes_quick_run_show_lists_its_six_finished_cells(tmp_path):
+    run = ablate(tmp_path, "run", "relu_vs_tanh", "--quick")
+    assert run.returncode == 0, run.stderr
+    summary = run.stdout[run.stdout.index("summary: relu_vs_tanh · quick"):]
+    for arm in ("relu", "tanh"):  # per arm: 3 seeds, mean ± sd
+        assert re.search(rf"^ *{arm} +3 +\d+\.\d ± \d+\.\d", summary, re.MULTILINE), summary
+    shown = ablate(tmp_path, "show", "relu_vs_tanh")  # as the README says: no --quick
+    assert shown.returncode == 0, shown.stderr
+    assert "relu_vs_tanh · quick · convnet4 w0.125" in shown.stdout
+    assert shown.stdout.count("finished") == 6 and "new" not in shown.stdout

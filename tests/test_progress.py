@@ -74,7 +74,11 @@ def test_a_resumed_cell_starts_its_bar_at_the_epochs_it_had_finished():
 def test_a_grid_estimates_its_first_cell_from_earlier_runs_of_the_same_grid():
     grid = GridClock(past={"g": 30.0}, workers=1)
     grid.queued({"a": "g", "b": "g", "c": "g", "d": "other"})
-    assert grid.remaining(0.0) is None  # "other" has no history and nothing runs yet
+    assert grid.remaining(0.0) == pytest.approx(4 * 30)  # "other": like the grid that ran
+    assert GridClock().remaining(0.0) == 0.0  # nothing to run
+    nothing_known = GridClock()
+    nothing_known.queued({"a": "g"})
+    assert nothing_known.remaining(0.0) is None
     grid = GridClock(past={"g": 30.0}, workers=2)
     grid.queued({"a": "g", "b": "g", "c": "g", "d": "g"})
     assert grid.remaining(0.0) == pytest.approx(4 * 30 / 2)
