@@ -23,7 +23,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 state = {"debug": False}
 
 Quick = Annotated[bool, typer.Option(
-    "--quick", help="Synthetic data, tiny width, few epochs; the axes are kept.")]
+    "--quick", help="Synthetic data, tiny width, few epochs, Adam; the axes are kept.")]
 Seeds = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list: 0,1,2")]
 Epochs = Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")]
 Dataset = Annotated[str | None, typer.Option(help="synthetic | cifar10 | cifar100 | imagefolder")]
