@@ -193,11 +193,11 @@ def run(
     from alexnet.progress import RichProgress
     from alexnet.runner import preflight_data
 
-    history = announce(ab.name, cells, client_if_any(uri), jobs, force=force, yes=yes,
-                       limit=CONFIRM_CELLS)
+    history, todo = announce(ab.name, cells, client_if_any(uri), jobs, force=force, yes=yes,
+                             limit=CONFIRM_CELLS)
     with RichProgress(console, workers=jobs, past=history.seconds) as progress:
         with progress.preparing_data():
-            preflight_data(cells)
+            preflight_data(todo)  # the data of cells that will train: checked, decoded once
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
                               executor=executors.local(jobs, cells[0].config.runtime.device),
                               parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})

@@ -131,12 +131,16 @@ def store_rows(runs: list[Any]) -> list[Row]:
 
 
 def print_rows(title: str, header: str, rows: list[Row]) -> None:
-    table = _table(title, header, "seed", "state", "val err %", "test err %", "key", "run")
-    for r in rows:
-        metrics = r.run.data.metrics if r.run is not None and r.state == "finished" else {}
+    finals = [r.run.data.metrics if r.run is not None and r.state == "finished" else {}
+              for r in rows]
+    tested = any("test_error" in m for m in finals)
+    table = _table(title, header, "seed", "state", "val err %",
+                   *(["test err %"] if tested else []), "key", "run")
+    for r, metrics in zip(rows, finals, strict=True):
         table.add_row(arm_values(r.arms), str(r.seed),
                       f"[{STATE_COLORS.get(r.state, 'white')}]{r.state}[/]",
-                      pct(metrics, "final_val_error"), pct(metrics, "test_error"), r.key,
+                      pct(metrics, "final_val_error"),
+                      *([pct(metrics, "test_error")] if tested else []), r.key,
                       r.run.info.run_id[:8] if r.run is not None else "")
     console.print(table)
 
@@ -145,9 +149,10 @@ def print_rows(title: str, header: str, rows: list[Row]) -> None:
 
 
 def announce(name: str, cells: list[Any], c: Any, jobs: int, *, force: bool, yes: bool,
-             limit: int) -> Any:
+             limit: int) -> tuple[Any, list[Cell]]:
     """Say how many cells will train and, by earlier runs of the same grid in the store,
-    about how long; a grid above ``limit`` cells waits for --yes. Returns the history."""
+    about how long; a grid above ``limit`` cells waits for --yes. Returns the history and
+    the cells to train."""
     from alexnet.estimate import History, clock_text, grid_seconds, store_history
 
     distinct = list({cell.key: cell for cell in cells}.values())
@@ -167,7 +172,7 @@ def announce(name: str, cells: list[Any], c: Any, jobs: int, *, force: bool, yes
                           "check the axes and --seeds, then add --yes to start it",
                           highlight=False)
         raise typer.Exit(1)
-    return history
+    return history, todo
 
 
 def show_plan(uri: str, cells: list[Any]) -> None:
