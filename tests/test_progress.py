@@ -325,9 +325,10 @@ base:
     data.source: imagefolder
     data.root: {root}
     data.val_fraction: 0.2
-    train.batch_size: 96
+    train.batch_size: 192
     train.epochs: 2
     runtime.device: cpu
+    runtime.threads: 1
 axes:
   activation:
     relu: {{model.activation: relu}}
@@ -341,7 +342,7 @@ def cell_rows(rows: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_in_a_terminal_a_cell_shows_its_phases_an_eta_in_epoch_1_and_ctrl_c_resumes(tmp_path):
-    images(tmp_path / "images", per_class=80)  # 192 training images: 2 steps of 96
+    images(tmp_path / "images", per_class=160)  # 384 training images: 2 steps of 192
     (tmp_path / "ablations").mkdir()
     (tmp_path / "ablations" / "slow.yaml").write_text(SLOW.format(root=tmp_path / "images"))
 
@@ -353,8 +354,10 @@ def test_in_a_terminal_a_cell_shows_its_phases_an_eta_in_epoch_1_and_ctrl_c_resu
     with_eta = [i for i, r in enumerate(epoch_1) if "training" in r and re.search(r"eta \d", r)]
     assert with_eta, "\n".join(epoch_1)  # an ETA while epoch 1 still trains
     assert any("validating" in r for r in epoch_1)
-    logged = term.text.index("relu seed 0  epoch 1/2  train loss")
+    logged = term.text.index("relu seed 0  epoch 1/2  ")
     assert term.text.index(epoch_1[with_eta[0]]) < logged
+    speed = re.search(r"epoch 1/2 .*?([\d,]+) img/s", term.text[logged:], re.DOTALL)
+    assert speed and int(speed.group(1).replace(",", "")) < 192  # steps of more than 1 s
     os.write(term.master, b"\x03")  # Ctrl-C, in epoch 2
     assert term.finish() == 130
     assert "interrupted (SIGINT); finished cells are kept and the same command resumes the " \
