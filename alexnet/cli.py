@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -28,6 +28,7 @@ from alexnet.cli_common import (
     SetItems,
     TrackingUri,
     command_overrides,
+    configure_logging,
     console,
     err_console,
     executor_for,
@@ -35,21 +36,41 @@ from alexnet.cli_common import (
     state,
     user_errors,
 )
+from alexnet.cli_inspect import cache, config
+from alexnet.cli_store import clean
 from alexnet.serving.cli import demo, predict, serve
 from alexnet.sweep_cli import sweep
 from alexnet.tracking_server import server
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Which of AlexNet's design choices matter? Run ablation grids, track them in MLflow, "
          "tune them with Optuna, and report measured deltas beside the paper's.")
 app.command()(sweep)
 app.command()(server)
+app.command()(config)
+app.command()(clean)
+app.add_typer(cache, name="cache")
+# A grid of more cells than this asks for --yes first: thousands is likely a typo.
+CONFIRM_CELLS = 500
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from alexnet import __version__
+
+        typer.echo(f"ablate {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False
-          ) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
     from alexnet.ui_server import quiet_mlflow
 
     state["debug"] = debug
@@ -91,29 +112,26 @@ def show(
     set_: SetItems = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Every cell (arm, seed, key) and its state in the store: finished, reusable (finished
-    in another ablation), running, interrupted, failed, new."""
-    from rich.table import Table
+    """What the store holds for an ablation: every scale it ran at, each cell's state.
 
+    Scales (quick, real data, tuned...) are listed apart, newest first. States: finished,
+    reusable (finished in another ablation), running, interrupted, failed, new.
+
+    With --quick, --seeds or --set: the cells those flags give, as `ablate run` sees them.
+    """
     from alexnet import store
     from alexnet.ablation import load_ablation
+    from alexnet.cli_store import show_cells, show_store
     from alexnet.config import parse_set
-    from alexnet.grid import plan
 
     uri = store.tracking_uri(tracking_uri)
     store.check_store(uri)
     ab = load_ablation(name)
-    cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=parse_set(set_ or []))
-    db = store.sqlite_path(uri)
-    c = None if db is not None and not db.exists() else store.client(uri)
-    table = Table("ablation", "arm", "seed", "key", "state", "run")
-    colors = {"finished": "green", "reusable": "green", "failed": "red", "running": "yellow",
-              "interrupted": "yellow"}
-    for p in plan(c, uri, cells):
-        table.add_row(p.cell.ablation, p.cell.arm_label, str(p.cell.seed), p.cell.key,
-                      f"[{colors.get(p.state, 'white')}]{p.state}[/]",
-                      p.run_id[:8] if p.run_id else "")
-    console.print(table)
+    if not (quick or seeds or set_):
+        show_store(ab, uri)
+        return
+    show_cells(uri, ab.cells(quick=quick, seeds=parse_seeds(seeds),
+                             overrides=parse_set(set_ or [])))
 
 
 # --- run ---------------------------------------------------------------------------------
@@ -148,10 +166,19 @@ def run(
                        ] = False,
     profile: Annotated[bool, typer.Option(
         "--profile", help="Save a torch.profiler trace of a few steps in each run.")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help=f"Start a grid of more than {CONFIRM_CELLS} cells without asking."
+    )] = False,
+    list_cells: Annotated[bool, typer.Option(
+        "--cells", help="After the per-arm summary, list every cell.")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Run an ablation grid: every arm × seed, each an MLflow run; finished cells are skipped,
-    interrupted ones resume, cells shared with another ablation are trained once."""
+    """Run an ablation grid: every arm × seed, each an MLflow run.
+
+    Finished cells are skipped, interrupted ones resume, cells shared with another ablation
+    are trained once. Each epoch's line prints above the progress bars (and goes to the
+    run's train.log artifact); the end is each arm's mean ± sd over its seeds.
+    """
     from alexnet import errors, store
     from alexnet.ablation import load_ablation
     from alexnet.packing import parse_jobs, resolve_jobs
@@ -166,6 +193,7 @@ def run(
     ab = load_ablation(name)
     overrides = command_overrides(epochs, dataset, data_root, device, set_)
     cells = ab.cells(quick=quick, seeds=parse_seeds(seeds), overrides=overrides)
+    configure_logging(console)  # the input is good: from here on, lines go above the bars
     if tuned:
         from alexnet.tuned import apply_tuned_where_swept
 
@@ -174,27 +202,46 @@ def run(
             console.print(f"--tuned: no sweep for {', '.join(untuned)}; these run at their "
                           "configured lr and weight decay", highlight=False)
     if dry_run:
+        from alexnet.cli_store import show_plan
+
         show_plan(uri, cells)
         return
+    from alexnet.cli_store import (
+        announce,
+        client_if_any,
+        print_arm_summary,
+        print_cell_summary,
+    )
     from alexnet.grid import run_ablation
     from alexnet.progress import RichProgress
     from alexnet.runner import preflight_data
 
-    preflight_data(cells)
-    store.client(uri)  # a broken store is one line before any progress is drawn
-    jobs_now = 1  # Ray places cells by the resources it has; --jobs is the local pool's
-    if executor == "local":
-        decision = resolve_jobs(wanted_jobs, cells)
-        if decision.reason:
-            console.print(decision.reason, highlight=False)
-        jobs_now = decision.jobs
-    runner = executor_for(executor, jobs_now, cells, ray_address, gpus_per_cell, cpus_per_cell,
-                          {"--tracking-uri": uri})
-    with RichProgress(console) as progress:
+    guess = wanted_jobs if wanted_jobs != "auto" else 1  # the ETA's until auto has measured
+    history, todo = announce(ab.name, cells, client_if_any(uri), guess, force=force, yes=yes,
+                             limit=CONFIRM_CELLS)
+    with RichProgress(console, workers=guess, past=history.seconds) as progress:
+        with progress.preparing_data():
+            preflight_data(todo)  # the data of cells that will train: checked, decoded once
+        store.client(uri)  # a broken store is one line before any cell starts
+        jobs_now = 1  # Ray places cells by the resources it has; --jobs is the local pool's
+        if executor == "local":
+            decision = resolve_jobs(wanted_jobs, todo)
+            if decision.reason:
+                console.print(decision.reason, highlight=False)
+            jobs_now = decision.jobs
+        progress.grid_clock.workers = jobs_now
+        runner = executor_for(executor, jobs_now, cells, ray_address, gpus_per_cell,
+                              cpus_per_cell, {"--tracking-uri": uri})
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,
                               executor=runner,
                               parent_tags={"command": " ".join(["ablate", *sys.argv[1:]])})
-    print_summary(result)
+    print_arm_summary(ab, result.outcomes, store.client(uri))
+    if list_cells:
+        print_cell_summary(result.outcomes)
+    if result.listed > result.distinct:
+        console.print(f"{result.listed} cells listed, {result.distinct} distinct: "
+                      f"{result.listed - result.distinct} shared between ablations were trained "
+                      "once and reused", highlight=False)
     if result.failed:
         err_console.print(f"[red]{len(result.failed)} of {len(result.outcomes)} cells failed "
                           "or diverged:[/]")
@@ -202,50 +249,6 @@ def run(
             err_console.print(f"  {o.cell.ablation} {o.cell.arm_label} seed={o.cell.seed}: "
                               f"{o.reason}", highlight=False)
         raise typer.Exit(1)
-
-
-def show_plan(uri: str, cells: list[Any]) -> None:
-    from rich.table import Table
-
-    from alexnet import store
-    from alexnet.grid import plan
-
-    db = store.sqlite_path(uri)
-    c = None if db is not None and not db.exists() else store.client(uri)
-    table = Table("ablation", "arm", "seed", "key", "would")
-    would = {"finished": "skip (finished)", "reusable": "reuse (finished in another ablation)",
-             "running": "skip (running elsewhere)", "interrupted": "resume"}
-    seen: set[str] = set()
-    for p in plan(c, uri, cells):
-        what = would.get(p.state, "run") if p.cell.key not in seen else "reuse (same cell above)"
-        seen.add(p.cell.key)
-        table.add_row(p.cell.ablation, p.cell.arm_label, str(p.cell.seed), p.cell.key, what)
-    console.print(table)
-
-
-def _pct(values: dict[str, float], key: str) -> str:
-    return f"{100 * values[key]:.1f}" if key in values else ""
-
-
-def print_summary(result: Any) -> None:
-    from rich.table import Table
-
-    table = Table("ablation", "arm", "seed", "state", "val top-1 (%)", "train (%)",
-                  "epochs", "time (s)", title="summary")
-    for o in result.outcomes:
-        f = o.final or {}
-        color = {"finished": "green", "skipped": "dim", "reused": "dim", "failed": "red",
-                 "diverged": "red"}.get(o.state, "yellow")
-        table.add_row(o.cell.ablation, o.cell.arm_label, str(o.cell.seed),
-                      f"[{color}]{o.state}[/]", _pct(f, "final_val_error"),
-                      _pct(f, "final_train_error"),
-                      f"{f['epochs_completed']:.0f}" if "epochs_completed" in f else "",
-                      f"{f['train_seconds']:.1f}" if "train_seconds" in f else "")
-    console.print(table)
-    if result.listed > result.distinct:
-        console.print(f"{result.listed} cells listed, {result.distinct} distinct: "
-                      f"{result.listed - result.distinct} shared between ablations were trained "
-                      "once and reused", highlight=False)
 
 
 # --- ui / report / describe-model ---------------------------------------------------------
@@ -322,6 +325,16 @@ def describe_model(
     console.print(render_table(rows, sum(p.numel() for p in model.parameters())))
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) as the installed typer raises them: typer 0.2x carries its own
+    copy of click (typer.TyperException, typer.Abort); earlier ones raise click's."""
+    import click
+
+    usage = tuple(k for k in (getattr(typer, "TyperException", None), click.ClickException)
+                  if k is not None)
+    return usage, (typer.Abort, click.Abort, KeyboardInterrupt)
+
+
 # --- predict / serve / demo: a finished cell's model at work (alexnet.serving.cli) ---------
 
 for _command in (predict, serve, demo):
@@ -331,23 +344,27 @@ for _command in (predict, serve, demo):
 def main() -> None:
     """The console script. Ctrl-C and SIGTERM stop the command with one line (finished cells
     are kept, a rerun resumes the rest) and exit 130 / 143."""
-    import click
-
     from alexnet.executors import interrupt_on_sigterm
 
+    usage, aborts = _click_errors()
     received = interrupt_on_sigterm()
     try:
-        code = app(standalone_mode=False)  # Typer turns Ctrl-C into exit code 130 itself
-    except click.ClickException as err:  # usage errors: click's own message, exit 2
-        err.show()
-        sys.exit(err.exit_code)
-    except click.Abort:  # end of input at a prompt
-        code = 1
-    if received:
-        name = signal.Signals(received[-1]).name
-        err_console.print(f"interrupted ({name}); finished cells are kept and the same "
-                          "command resumes the rest", highlight=False)
-        sys.exit(128 + received[-1])
+        code = app(standalone_mode=False)
+    except usage as err:  # click's own message (a missing argument: the help), exit 2
+        show = getattr(err, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"error: {err}", highlight=False)
+        sys.exit(getattr(err, "exit_code", 2))
+    except aborts:
+        code = None
+        received = received or [signal.SIGINT]
+    if received:  # typer 0.2x turns Ctrl-C into a plain exit code 130: the signal tells
+        sig = received[-1]
+        err_console.print(f"interrupted ({signal.Signals(sig).name}); finished cells are kept "
+                          "and the same command resumes the rest", highlight=False)
+        sys.exit(128 + sig)
     sys.exit(code if isinstance(code, int) else 0)
 
 

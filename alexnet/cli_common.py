@@ -4,6 +4,8 @@ becomes one line and exit code 2."""
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 state = {"debug": False}
 
 Quick = Annotated[bool, typer.Option(
-    "--quick", help="Synthetic data, tiny width, few epochs; the axes are kept.")]
+    "--quick", help="Synthetic data, tiny width, few epochs, Adam; the axes are kept.")]
 Seeds = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list: 0,1,2")]
 Epochs = Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")]
 Dataset = Annotated[str | None, typer.Option(help="synthetic | cifar10 | cifar100 | imagefolder")]
@@ -128,3 +130,37 @@ def executor_for(name: str, jobs: int, cells: list[Any], address: str | None,
     cluster.check_shared_stores(ray, stores)
     resources = cluster.plan_resources(ray, cells, gpus_per_cell, cpus_per_cell)
     return cluster.RayExecutor(address, resources)
+
+
+# --- logging: one place for every line a command prints while it runs ----------------------
+
+
+class _Lines(logging.Formatter):
+    """The message alone; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(target: Console | None = None) -> None:
+    """Lines from alexnet's loggers (data decoding, each epoch, each cell's end) at INFO and
+    everyone else's warnings go through rich, above any progress bars, with the time; MLflow
+    neither sets up its own stderr handler nor draws download bars that would break them.
+    Call before MLflow is imported (it reads its switch then); worker processes inherit it."""
+    from rich.logging import RichHandler
+
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    handler = RichHandler(console=target or err_console, show_level=False, show_path=False,
+                          markup=False, highlighter=None, log_time_format="[%X]",
+                          omit_repeated_times=False)
+    handler.setFormatter(_Lines("%(message)s"))
+    handler.ablate = True  # type: ignore[attr-defined]  # ours: replaced, others kept
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "ablate", False)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("alexnet").setLevel(logging.INFO)
+    if "mlflow" in sys.modules:  # imported already: undo the handler it set up
+        mlflow_logger = logging.getLogger("mlflow")
+        mlflow_logger.handlers, mlflow_logger.propagate = [], True

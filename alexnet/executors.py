@@ -11,6 +11,7 @@ runs are then marked interrupted by ``execute_cell``, and propagates.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -18,6 +19,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from logging.handlers import QueueHandler
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -79,9 +81,19 @@ def _cuda() -> bool:
 _EVENTS: Any = None
 
 
+class _ForwardLogs(QueueHandler):
+    """A worker's log records go to the parent as events, where its handlers (the CLI's,
+    above the progress bars) show them: workers never write to the terminal themselves."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(("log", "", record))
+
+
 def _init_worker(threads: int, events: Any) -> None:
     global _EVENTS
     _EVENTS = events
+    logging.getLogger().handlers = [_ForwardLogs(events)]
+    logging.getLogger("alexnet").setLevel(logging.INFO)  # the parent filters again
     interrupt_on_sigterm()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -154,6 +166,10 @@ def _drain(events: Any, on_event: Emit, pids: set[int]) -> None:
             return
         if event[0] == "worker":
             pids.add(event[2])
+        elif event[0] == "log":
+            record, logger = event[2], logging.getLogger(event[2].name)
+            if logger.isEnabledFor(record.levelno):  # as if it were logged here
+                logger.handle(record)
         else:
             on_event(event)
 

@@ -34,9 +34,11 @@ class GridResult:
 class Progress:
     """What the grid tells whoever shows progress; the CLI implements it with rich."""
 
+    def cells_queued(self, cells: list[Cell]) -> None: ...  # those to run, before the start
     def grid_started(self, name: str, total: int, skipped: int) -> None: ...
     def cell_event(self, cell: Cell, kind: str, payload: Any) -> None: ...
     def cell_done(self, outcome: Outcome) -> None: ...
+    def grid_phase(self, text: str) -> None: ...  # what the grid does after its cells
 
 
 @dataclass
@@ -89,6 +91,7 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
     todo = [p.cell for p in planned if force or p.state != "finished"]
     outcomes = [Outcome(p.cell, "skipped", p.run_id) for p in planned
                 if not (force or p.state != "finished")]
+    progress.cells_queued([*todo, *later])
     progress.grid_started(ablation.name, len(todo) + len(later), len(outcomes))
     parents: dict[str, str] = {}
     beats = contextlib.ExitStack()
@@ -127,6 +130,7 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
                               status="KILLED")
         raise
     outcomes += done
+    progress.grid_phase("ensembles")
     for name, exp_id in exp_ids.items():
         log_ensembles(c, exp_id, parents.get(name), [cell for cell in cells
                                                      if cell.ablation == name])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +24,17 @@ from alexnet.ablation import Cell
 from alexnet.errors import AblateError
 from alexnet.instrument import StepProfiler, system_metrics
 from alexnet.results import EpochMetrics, RunResult
+from alexnet.runlog import RunLog, cell_label, end_line, epoch_line
 
 State = Literal["finished", "failed", "diverged", "skipped", "reused", "running",
                 "interrupted"]
-Event = tuple[str, str, Any]  # (kind, cell key, payload): start, epoch, step
+# (kind, cell key, payload): phase {phase, epoch, done, total}, start {epochs, steps},
+# step (step, steps), epoch (the epoch's metrics)
+Event = tuple[str, str, Any]
 Emit = Callable[[Event], None]
 RESUME_ARTIFACT = "resume/checkpoint.pt"
 WEIGHTS_ARTIFACT = "weights/model.pt"
+STEP_EVENT_SECONDS = 0.25  # at most this often a step event: enough for an ETA, few to send
 
 
 class StopCell(Exception):  # noqa: N818 - a request, not an error
@@ -147,6 +152,7 @@ def execute_cell(task: CellTask, emit: Emit | None = None,
 
 def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str | None,
            emit: Emit | None, on_epoch: Callable[[EpochMetrics], None] | None) -> Outcome:
+    from alexnet.data.progress import reporting_to
     from alexnet.train import train_run
 
     cell = task.cell
@@ -158,9 +164,15 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
     checkpoint = resume_checkpoint(c, run_id) if task.kind == "cell" else None
     say = emit or (lambda event: None)
     beat = tracking.Heartbeat(c, run_id, claim)
+    label = cell_label(cell.arms, cell.seed)
+    runlog = RunLog(c, run_id, local_artifacts(c.get_run(run_id)))
+
+    def phase(name: str, epoch: int = 0, done: int = 0, total: int = 0) -> None:
+        say(("phase", cell.key, {"phase": name, "epoch": epoch, "done": done, "total": total}))
 
     def epoch_done(m: EpochMetrics) -> None:
         tracking.log_epoch(c, run_id, m, step=task.step_offset + m.epoch)
+        runlog.write(epoch_line(label, m.as_dict(), cell.config.train.epochs))
         say(("epoch", cell.key, m.as_dict()))
         if on_epoch is not None:
             on_epoch(m)
@@ -168,17 +180,25 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
             raise StopCell("another process took this cell over (this one was silent too "
                            "long); it continues there")
 
+    last_step = [0.0]
+
     def step_done(step: int, steps: int) -> None:
-        if step % 10 == 0 or step == steps:
+        now = time.monotonic()
+        if step == steps or now - last_step[0] >= STEP_EVENT_SECONDS:
+            last_step[0] = now
             say(("step", cell.key, (step, steps)))
 
     kept: list[Any] = []
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(beat)
+            stack.enter_context(reporting_to(lambda what, done, total: phase(
+                what, done=done, total=total)))
+            phase("opening data")
             data = open_data_once(cell)
             tracking.set_tags(c, run_id, {"dataset_fingerprint": data.fingerprint})
-            say(("start", cell.key, cell.config.train.epochs))
+            say(("start", cell.key, {"epochs": cell.config.train.epochs,
+                                     "steps": data.steps_per_epoch(cell.config.train.batch_size)}))
             stack.enter_context(system_metrics(run_id, task.uri, resume=resume_id is not None))
             if task.profile:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -187,15 +207,19 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
                 stack.callback(_log_trace, c, run_id, profiler)
             result = train_run(cell.config, checkpoint=checkpoint, data=data,
                                on_epoch=epoch_done, on_step=step_done, on_end=kept.append,
-                               score_test=task.score_test)
+                               score_test=task.score_test, on_phase=phase)
+            runlog.write(end_line(label, result.status, result.final, result.reason))
     except StopCell as stop:
+        runlog.write(end_line(label, "stopped", None, str(stop)))
         tracking.fail_run(c, run_id, str(stop), status="KILLED")
         raise
     except KeyboardInterrupt:
+        runlog.write(end_line(label, "interrupted", None, "the next run of the command resumes"))
         tracking.fail_run(c, run_id, "interrupted; the next run of the same command resumes it",
                           status="KILLED")
         raise
     except AblateError as err:
+        runlog.write(end_line(label, "failed", None, str(err)))
         tracking.fail_run(c, run_id, str(err))
         return Outcome(cell, "failed", run_id, str(err))
     except Exception as err:  # a bug or out of memory: this cell fails, the grid goes on
@@ -203,10 +227,14 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
         if checkpoint is not None and checkpoint.exists():
             reason += f" (its last checkpoint, {RESUME_ARTIFACT} in the run's artifacts, is kept: "\
                       "a rerun resumes from it)"
+        runlog.write(end_line(label, "failed", None, reason))
         tracking.fail_run(c, run_id, reason)
         with tracking.artifact_dir(c, run_id) as folder:
             (folder / "traceback.txt").write_text(traceback.format_exc())
         return Outcome(cell, "failed", run_id, reason)
+    finally:
+        runlog.close()
+    phase("saving")
     _log_artifacts(c, run_id, cell, result, kept[0] if kept else None,
                    outputs=task.kind == "cell")
     tracking.end_cell_run(c, run_id, result)

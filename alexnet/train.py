@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[EpochMetrics], None]
 StepCallback = Callable[[int, int], None]
+# (phase, epoch); phase: training | validating | checkpointing | testing
+PhaseCallback = Callable[[str, int], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,7 +231,7 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
               on_epoch: EpochCallback | None = None, on_step: StepCallback | None = None,
               data: Data | None = None,
               on_end: Callable[[nn.Module], None] | None = None,
-              score_test: bool = True) -> RunResult:
+              score_test: bool = True, on_phase: PhaseCallback | None = None) -> RunResult:
     """Train one run from a validated config and return its history.
 
     With a ``checkpoint`` the state is saved at the end of every epoch, and a run whose
@@ -237,13 +239,15 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
     numbers as an uninterrupted run. A NaN/inf loss ends the run with status "diverged",
     not an exception. ``on_epoch`` sees each new epoch's metrics (MLflow logging, Optuna
     pruning: an exception raised there propagates); ``on_end`` gets the trained model of a
-    run that did not diverge (its final weights are kept).
+    run that did not diverge (its final weights are kept); ``on_phase`` hears what the run
+    is doing, for progress displays (a resumed run starts with "training" at its next epoch).
 
     When the data has a test split and ``score_test`` is on, the final model is scored on
     it once, after the last epoch (or at once, when a resumed run has no epochs left);
     a diverged run is not scored. Sweeps pass ``score_test=False``: they tune on
     validation and must never see the test split.
     """
+    phase = on_phase or (lambda name, epoch: None)
     device = resolve_device(cfg.runtime.device)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -277,6 +281,7 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if result.epochs_to_target is not None and cfg.train.stop_at_target:
             break
+        phase("training", epoch)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         batches = data.train_batches(epoch, cfg.train.batch_size, cfg.seed)
@@ -288,6 +293,7 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
             result.status = "diverged"
             result.reason = f"diverged at epoch {epoch}: training loss is {train_loss}"
             break
+        phase("validating", epoch)
         val_loss, val_error, val_error5 = evaluate(step_model, data, device, cfg, channels_last)
         metrics = EpochMetrics(
             epoch=epoch, train_loss=train_loss / seen, train_error=train_wrong / seen,
@@ -307,6 +313,7 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
         if on_epoch is not None:
             on_epoch(metrics)
         if checkpoint is not None and cfg.runtime.checkpoint:
+            phase("checkpointing", epoch)
             checkpoint.save({
                 "format": CHECKPOINT_FORMAT, "cell_key": key, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -318,6 +325,7 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
     if score_test and data.test_size and result.status == "finished" and result.history:
         # The only read of the test split: nothing above (schedule, early stop, the
         # caller's on_epoch) has seen it, so it is an unbiased estimate of this model.
+        phase("testing", len(result.history))
         result.test_loss, result.test_error, result.test_error_top5 = evaluate(
             step_model, data, device, cfg, channels_last, split="test")
     if on_end is not None and result.status == "finished":

@@ -541,3 +541,13 @@ def test_fits_a_small_separable_problem(
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.9, (loss.item(), accuracy)
+
+
+def test_lrn_gives_torchs_result_and_gradient() -> None:
+    torch.manual_seed(0)
+    a = (torch.rand(3, 12, 5, 5, dtype=torch.float64) * 30).requires_grad_()
+    ours, theirs = get_norm("lrn", 12), nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
+    torch.testing.assert_close(ours(a), theirs(a), rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours(a).square().sum(), a)
+    (g_theirs,) = torch.autograd.grad(theirs(a).square().sum(), a)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-10)

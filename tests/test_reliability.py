@@ -127,8 +127,13 @@ def test_twenty_sigkills_at_random_times_never_break_the_store(tmp_path):
         got = exactly_once(folder)
         assert got.keys() == reference.keys(), f"kill {i}"
         for key, metrics in got.items():
-            for name in ("final_val_error", "final_train_loss", "final_val_loss"):
-                assert metrics[name] == reference[key][name], f"kill {i}: {name}"
+            # Errors are counts of images: equal. A loss may differ in its last float32 bit
+            # (once in 20 kills a batch's loss was one ulp apart, 7e-9 of the epoch mean): a
+            # restored process can take another vectorised path through the same sums.
+            assert metrics["final_val_error"] == reference[key]["final_val_error"], f"kill {i}"
+            for name in ("final_train_loss", "final_val_loss"):
+                assert metrics[name] == pytest.approx(reference[key][name], rel=1e-6, abs=0), \
+                    f"kill {i}: {name}"
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])

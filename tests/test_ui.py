@@ -64,7 +64,7 @@ def test_grid_names_tell_quick_real_and_tuned_grids_apart():
     tuned = ui.grid_run_name([dataclasses.replace(c, tuned={"optim.lr": 0.02})
                               for c in ab.cells()])
     assert real == "relu_vs_tanh · cifar10 45k · convnet4 w1 · 40 ep"
-    assert quick == "relu_vs_tanh · quick · convnet4 w0.125 · 8 ep"
+    assert quick == "relu_vs_tanh · quick · convnet4 w0.125 · 3 ep"
     assert small == "relu_vs_tanh · cifar10 5k · convnet4 w1 · 3 ep"
     assert tuned == real + " · tuned"
     # Arms that differ in width (one tower with half the kernels) show both widths.

@@ -136,11 +136,13 @@ def decode_folder(cfg: DataConfig) -> Decoded:
     path = cache_file(cfg, str(listing.root.resolve()))
 
     def build() -> dict[str, Any]:
-        train = folder.decode_all([p for p, _ in listing.train], cfg.image_size)
+        train = folder.decode_all([p for p, _ in listing.train], cfg.image_size,
+                                  what="decoding train")
         out = {"images": train, "labels": labels_of(listing.train),
                "classes": listing.classes}
         if listing.val is not None:
-            out["val_images"] = folder.decode_all([p for p, _ in listing.val], cfg.image_size)
+            out["val_images"] = folder.decode_all([p for p, _ in listing.val], cfg.image_size,
+                                                  what="decoding val")
             out["val_labels"] = labels_of(listing.val)
         return out
 
@@ -152,7 +154,8 @@ def decode_folder(cfg: DataConfig) -> Decoded:
     def load_test() -> tuple[Tensor, Tensor]:
         out = cached(test_cache_file(path), key, lambda: timed(
             f"decoding the {len(test):,} test images of {listing.root} (once)",
-            lambda: {"images": folder.decode_all([p for p, _ in test], cfg.image_size),
+            lambda: {"images": folder.decode_all([p for p, _ in test], cfg.image_size,
+                                                 what="decoding test"),
                      "labels": labels_of(test)}))
         return out["images"], out["labels"]
 

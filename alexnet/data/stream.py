@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from alexnet.config import DataConfig
-from alexnet.data import folder
+from alexnet.data import folder, progress
 from alexnet.data.augment import Lighting, eval_batch
 from alexnet.data.base import Data, epoch_seed, steps_for
 from alexnet.data.cache import cache_dir, cached, digest
@@ -160,8 +160,9 @@ def stream_stats(cfg: DataConfig, listing: folder.Listing, train_idx: Tensor,
                  listing.root)
         moments = PixelMoments()
         for a in range(0, len(sample), 256):  # bounded memory at 256x256 canvases
+            progress.report("pixel statistics", a, len(sample))
             paths = [listing.train[i][0] for i in sample[a:a + 256]]
-            moments.add(folder.decode_all(paths, cfg.image_size))
+            moments.add(folder.decode_all(paths, cfg.image_size, what=None))
         return moments.stats().to_dict()
 
     return Stats.from_dict(cached(path, key, build))
