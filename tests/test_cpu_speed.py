@@ -1,8 +1,11 @@
-"""CPU speed: native-bf16 detection, the layers under CPU autocast."""
+"""CPU speed: native-bf16 detection, the layers under CPU autocast, benchmarks/cpu_speed.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import platform
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from torch import nn
 
 from alexnet.models.layers import CrossChannelLRN, LocallyConnected2d, paper_lrn
 from alexnet.train import cpu_has_native_bf16
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpuinfo_flags() -> set[str]:
@@ -55,3 +60,29 @@ def test_lrn_and_locally_connected_layer_compute_in_bf16_under_cpu_autocast():
     out.float().square().mean().backward()
     assert local.weight.grad.dtype == torch.float32  # the weights and their grads stay fp32
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.fixture
+def cpu_speed_module():
+    """benchmarks/cpu_speed.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("cpu_speed_benchmark",
+                                                  REPO / "benchmarks" / "cpu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_cpu_speed_benchmark_quick_prints_both_models_and_the_speedup(cpu_speed_module, capsys):
+    speedup = cpu_speed_module.main(["--quick"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r for r in rows[1:]}
+    assert set(table) == {(m, a) for m in ("convnet4", "alexnet_cifar")
+                          for a in ("defaults", "plain fp32")}
+    assert "bf16 autocast" not in table[("convnet4", "plain fp32")]
+    assert ("bf16 autocast" in table[("convnet4", "defaults")]) == cpu_has_native_bf16()
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup: \d+\.\dx", last)
+    assert speedup > 0 and last == f"speedup: {speedup:.1f}x"
