@@ -156,8 +156,13 @@ class RuntimeConfig(_Section):
     """How a run executes: changes speed, not the experiment, so not in the cell key."""
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA only
-    channels_last: bool = True  # applied on CUDA only
+    # auto = bf16 autocast on CUDA, and on a CPU with native bf16 (AVX-512 BF16 or AMX);
+    # fp32 elsewhere, where CPU bf16 is emulated and slower than fp32 (train.use_bf16).
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True  # measured faster on CUDA and on the CPU (train.py)
+    # torch.compile stays an explicit choice: on the CPU its warm-up (tens of seconds, again
+    # for evaluation and every new batch shape) bought no steady gain over eager bf16 +
+    # channels_last for the 32x32 nets (benchmarks/cpu_speed.py --with-compile).
     compile: bool = False
     threads: int | None = Field(None, ge=1)  # CPU threads for this run
     num_workers: int = Field(4, ge=0)  # DataLoader workers on the streaming path

@@ -185,11 +185,11 @@ def _train_and_watch(cfg: RunConfig, data: Any, device: Any, seconds: float
     import torch
 
     from alexnet.models import build_model_from_config
-    from alexnet.train import make_optimizer, seed_everything, train_epoch
+    from alexnet.train import make_optimizer, seed_everything, train_epoch, use_channels_last
 
     seed_everything(cfg.seed)
     model = build_model_from_config(cfg.model, num_classes=data.num_classes).to(device)
-    channels_last = cfg.runtime.channels_last  # train_run's choice on CUDA
+    channels_last = use_channels_last(device, cfg)  # as train_run
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)

@@ -79,9 +79,54 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
     return None  # constant: Figure 1 compares activations at fixed learning rates
 
 
+# --- precision, layout, compile: how fast a run goes, never what it computes ------------
+# Measured in benchmarks/cpu_speed.py (figures in benchmarks/RESULTS.md).
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on an x86 CPU with bf16 arithmetic in hardware (AVX-512 BF16 or AMX-BF16).
+
+    Elsewhere torch emulates bf16 on the CPU and autocast is slower than fp32, so ``auto``
+    keeps fp32 there. ARM's bf16 extension is left out: not measured yet.
+    """
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def use_bf16(device: torch.device, cfg: RunConfig) -> bool:
+    """Whether the step runs under bf16 autocast: ``runtime.amp``, with ``auto`` resolved.
+
+    Autocast keeps the weights, the optimizer and the loss in fp32; convs and matmuls (and
+    LocallyConnected2d's einsum, a batched matmul) run in bf16.
+    """
+    if cfg.runtime.amp != "auto":
+        return cfg.runtime.amp == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def use_channels_last(device: torch.device, cfg: RunConfig) -> bool:
+    """channels_last on every device: on the CPU (oneDNN convs, max-pool vectorized over
+    channels, LRN as one matmul) it measured faster than NCHW in fp32 and more so in bf16,
+    from the quick profile's tiny nets up to width 1."""
+    return cfg.runtime.channels_last
+
+
+def prepare_model(model: nn.Module, device: torch.device, cfg: RunConfig
+                  ) -> tuple[nn.Module, nn.Module, bool]:
+    """Put ``model`` in the run's layout and wrap it for the step.
+
+    Returns the model (whose state is saved), the module the step calls (compiled or the
+    same one: they share parameters) and whether inputs go channels_last.
+    """
+    channels_last = use_channels_last(device, cfg)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if cfg.runtime.compile else model
+    return model, step_model, channels_last
+
+
 def autocast_for(device: torch.device, cfg: RunConfig) -> contextlib.AbstractContextManager:
-    use_bf16 = cfg.runtime.amp == "bf16" or (cfg.runtime.amp == "auto" and device.type == "cuda")
-    if use_bf16:
+    if use_bf16(device, cfg):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -255,12 +300,9 @@ def train_run(cfg: RunConfig, *, checkpoint: Checkpoint | None = None,
     if data is None:
         data = open_data(cfg.data, device)
     model = build_model_from_config(cfg.model, num_classes=data.num_classes).to(device)
-    channels_last = cfg.runtime.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, step_model, channels_last = prepare_model(model, device, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    step_model = torch.compile(model) if cfg.runtime.compile else model
 
     result = RunResult(status="finished", device=str(device))
     key = cfg.key()

@@ -45,7 +45,7 @@ from alexnet.config import RunConfig, build_config
 from alexnet.data import Data, open_data
 from alexnet.errors import ConfigError, DataError
 from alexnet.models import build_model, build_model_from_config
-from alexnet.train import evaluate, make_optimizer, resolve_device, train_epoch
+from alexnet.train import evaluate, make_optimizer, resolve_device, train_epoch, use_channels_last
 
 HERE = Path(__file__).resolve().parent
 RESULTS_FILE = HERE / "RESULTS.md"
@@ -198,7 +198,7 @@ def project_step_row(s: Settings, towers: int, batch: int, compiled: bool) -> Ro
     """The step ``train_run`` takes, set up as ``train_run`` sets it up."""
     cfg = project_config(s, towers, compiled)
     model = build_model_from_config(cfg.model, num_classes=1000).to(s.device)
-    channels_last = cfg.runtime.channels_last and s.cuda  # as train_run: CUDA only
+    channels_last = use_channels_last(s.device, cfg)  # as train_run
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -326,7 +326,7 @@ def cifar_epoch_rows(s: Settings, name: str, train: Data, held_out: Data,
     """One timed epoch (train only, then + eval) of ``name`` on the project's data path."""
     cfg = cifar_config(s, name, compiled)
     model = build_model_from_config(cfg.model, num_classes=train.num_classes).to(s.device)
-    channels_last = cfg.runtime.channels_last and s.cuda
+    channels_last = use_channels_last(s.device, cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)

@@ -40,7 +40,7 @@ import torch
 from alexnet.config import RunConfig, build_config
 from alexnet.data import open_data
 from alexnet.errors import AblateError
-from alexnet.train import resolve_device
+from alexnet.train import resolve_device, use_channels_last
 
 HERE = Path(__file__).resolve().parent
 RESULTS_FILE = HERE / "RESULTS.md"
@@ -107,7 +107,7 @@ def worker(config: dict, warmup: int, seconds: float, barrier: Any, results: Any
         seed_everything(cfg.seed)
         data = open_data(cfg.data, device)
         model = build_model_from_config(cfg.model, num_classes=data.num_classes).to(device)
-        channels_last = cfg.runtime.channels_last and device.type == "cuda"  # as train_run
+        channels_last = use_channels_last(device, cfg)  # as train_run
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(cfg, model)

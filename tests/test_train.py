@@ -9,12 +9,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from alexnet.config import build_config
 from alexnet.data import folder as folder_mod
 from alexnet.data import open_data
 from alexnet.errors import ConfigError
-from alexnet.train import Checkpoint, evaluate, train_run
+from alexnet.models.layers import LocallyConnected2d
+from alexnet.train import (
+    Checkpoint,
+    cpu_has_native_bf16,
+    evaluate,
+    train_run,
+    use_channels_last,
+)
 
 TINY = {"data.synthetic.train_size": 512, "data.synthetic.val_size": 256, "train.epochs": 3,
         "runtime.device": "cpu"}
@@ -285,3 +294,56 @@ def test_a_batch_larger_than_the_training_split_stops_before_training():
     with pytest.raises(ConfigError, match=r"batch_size=32 .*\(24 images\).*batch_size=24"):
         train_run(cfg, on_epoch=seen.append)
     assert seen == []
+
+
+# --- precision and layout on the CPU (benchmarks/cpu_speed.py measures the speed) --------
+
+
+def weighted_layer_outputs(cfg) -> dict[str, set]:
+    """The dtypes and layouts that the conv, locally connected and linear layers gave and
+    were given in the training steps of a whole ``train_run`` (forwards with autograd on:
+    not evaluation, not the model's shape probe): a global hook sees inside the real step."""
+    seen: dict[str, set] = {"dtype": set(), "channels_last_input": set()}
+
+    def record(module, inputs, output):
+        if torch.is_grad_enabled() and isinstance(module, (nn.Conv2d, nn.Linear,
+                                                            LocallyConnected2d)):
+            seen["dtype"].add(output.dtype)
+            if isinstance(module, nn.Conv2d):
+                seen["channels_last_input"].add(
+                    inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    handle = register_module_forward_hook(record)
+    try:
+        assert train_run(cfg).status == "finished"
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model", ["convnet4", "alexnet_cifar"])
+def test_default_cpu_run_uses_bf16_autocast_where_the_cpu_has_native_bf16(model):
+    cfg = build_config("quick", {**TINY, "train.epochs": 1, "model.name": model})
+    assert cfg.runtime.amp == "auto"
+    seen = weighted_layer_outputs(cfg)
+    assert seen["dtype"] == {torch.bfloat16 if cpu_has_native_bf16() else torch.float32}
+    assert seen["channels_last_input"] == {use_channels_last(torch.device("cpu"), cfg)}
+    off = build_config("quick", {**TINY, "train.epochs": 1, "model.name": model,
+                                 "runtime.amp": "off", "runtime.channels_last": False})
+    assert weighted_layer_outputs(off) == {"dtype": {torch.float32},
+                                           "channels_last_input": {False}}
+
+
+def test_default_cpu_run_is_bit_for_bit_repeatable():
+    cfg = build_config("quick", {**TINY, "train.epochs": 2})  # runtime: the defaults
+    weights = []
+
+    def keep(model):
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    a = train_run(cfg, on_end=keep)
+    b = train_run(cfg, on_end=keep)
+    assert numbers(a) == numbers(b)
+    weights_a, weights_b = weights
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

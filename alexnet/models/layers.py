@@ -21,22 +21,29 @@ T = TypeVar("T")
 LEAKY_SLOPE = 0.01  # PyTorch's default; the kaiming gain in weight_init uses the same value
 
 
-class LocalResponseNorm(nn.LocalResponseNorm):
-    """``nn.LocalResponseNorm`` with its parameters and its result, computed as a sum of
-    ``size`` channel-shifted squares. PyTorch's own averages the squares with an avg_pool3d
-    over channels, whose forward and backward on a CPU cost as much as everything else in a
-    small net's step; the shifted sum takes about a third of that (a --quick grid's cells
-    with LRN train 1.5x faster)."""
+class CrossChannelLRN(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` (same arguments, same function), with the sum of squares
+    over the window of neighbouring channels done as one matmul with a 0/1 band matrix.
+
+    torch's own route (pad + ``avg_pool3d``) runs in fp32 only on the CPU: under bf16
+    autocast every LRN casts its whole input up and back, and cost more than the convs.
+    The matmul runs in bf16 there; forward + backward of one (128, 96, 32, 32) LRN is
+    about 5x faster under CPU bf16 autocast and no slower in fp32 (benchmarks/RESULTS.md).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return super().forward(x)
-        channels = x.shape[1]
-        squares = F.pad(x * x, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
-        total = squares[:, :channels]
-        for shift in range(1, self.size):
-            total = total + squares[:, shift:shift + channels]
-        return x / (total * (self.alpha / self.size) + self.k).pow(self.beta)
+        # torch's window for output channel d: channels d - size//2 .. d + (size-1)//2.
+        channel = torch.arange(x.shape[1], device=x.device)
+        offset = channel[None, :] - channel[:, None]
+        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
+        squares = x * x
+        if squares.is_contiguous(memory_format=torch.channels_last):  # channels are rows' last
+            window_sum = (squares.permute(0, 2, 3, 1) @ band.T).permute(0, 3, 1, 2)
+        else:  # (C, C) @ (N, C, H*W), the band broadcast over the batch
+            window_sum = (band @ squares.flatten(2)).view_as(x)
+        return x / (window_sum * (self.alpha / self.size) + self.k).pow(self.beta)
 
 
 def paper_lrn() -> nn.LocalResponseNorm:
@@ -46,7 +53,7 @@ def paper_lrn() -> nn.LocalResponseNorm:
     them), so the paper's alpha=1e-4 is written alpha=5e-4 here. Writing 1e-4 is the
     common 5x slip (Caffe's reference model has it too).
     """
-    return LocalResponseNorm(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
+    return CrossChannelLRN(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
 
 
 # Each axis is a table of name -> layer factory: the keys are the arms the run config
@@ -187,7 +194,10 @@ class LocallyConnected2d(nn.Module):
             )
         patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
         out = torch.einsum("bkl,lok->bol", patches, self.weight)  # (batch, out, positions)
-        return out.reshape(x.shape[0], self.out_channels, self.output_size, -1) + self.bias
+        # Under autocast the einsum's matmul gives bf16; the bias follows it, as a conv's
+        # does, rather than promoting the whole output back to fp32.
+        bias = self.bias.to(out.dtype)
+        return out.reshape(x.shape[0], self.out_channels, self.output_size, -1) + bias
 
     def extra_repr(self) -> str:
         return (

@@ -77,14 +77,14 @@ def heldout_predictions(cell: Cell, model: torch.nn.Module, data: Data) -> dict[
     The test split is read here a second time after ``train_run`` scored it: the same final
     model, after training has ended, so nothing it trained or chose has seen it (sweeps'
     trials never come here)."""
-    from alexnet.train import autocast_for, resolve_device, softmax_probs
+    from alexnet.train import autocast_for, resolve_device, softmax_probs, use_channels_last
 
     cfg = cell.config
     device = resolve_device(cfg.runtime.device)
     split = "test" if data.test_size else "val"
     batches = (data.test_batches if split == "test" else data.eval_batches)(
         cfg.train.eval_batch_size)
-    channels_last = cfg.runtime.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(device, cfg)  # the layout the model trained in
     model.eval()
     labels, predicted, confidence, pool_index, pool_images = [], [], [], [], []
     seen = 0
