@@ -27,6 +27,7 @@ from alexnet.cli_common import (
     Seeds,
     SetItems,
     TrackingUri,
+    check_executor_options,
     command_overrides,
     configure_logging,
     console,
@@ -184,6 +185,7 @@ def run(
     from alexnet.packing import parse_jobs, resolve_jobs
 
     wanted_jobs = parse_jobs(jobs)
+    check_executor_options(executor, ray_address, gpus_per_cell, cpus_per_cell)
     if executor != "local" and wanted_jobs != "auto":
         raise errors.ConfigError(f"--jobs {jobs} sizes the local process pool; with "
                                  f"--executor {executor} leave it out (--gpus-per-cell and "

@@ -105,6 +105,25 @@ def command_overrides(epochs: int | None, dataset: str | None, data_root: Path |
     return overrides
 
 
+def check_executor_options(name: str, address: str | None, gpus_per_cell: float | None,
+                           cpus_per_cell: float) -> None:
+    """``--executor`` and its options, checked before anything is opened or printed."""
+    if name == "local":
+        if address is not None or gpus_per_cell is not None:
+            option = "--ray-address" if address is not None else "--gpus-per-cell"
+            raise ConfigError(f"{option} goes with --executor ray; add it, or leave {option} out")
+        return
+    if name != "ray":
+        raise ConfigError(f"--executor {name!r}: choose local or ray")
+    if not (0 < cpus_per_cell < 1e4):
+        raise ConfigError(f"--cpus-per-cell {cpus_per_cell:g}: give a positive number")
+    from alexnet import cluster
+
+    cluster.import_ray()
+    if gpus_per_cell is not None:
+        cluster.check_gpus_per_cell(gpus_per_cell)
+
+
 def executor_for(name: str, jobs: int, cells: list[Any], address: str | None,
                  gpus_per_cell: float | None, cpus_per_cell: float,
                  stores: dict[str, str]) -> Executor:
@@ -113,19 +132,11 @@ def executor_for(name: str, jobs: int, cells: list[Any], address: str | None,
     ones every node can reach."""
     from alexnet import executors
 
+    check_executor_options(name, address, gpus_per_cell, cpus_per_cell)
     if name == "local":
-        if address is not None or gpus_per_cell is not None:
-            option = "--ray-address" if address is not None else "--gpus-per-cell"
-            raise ConfigError(f"{option} goes with --executor ray; add it, or leave {option} out")
         return executors.local(jobs, cells[0].config.runtime.device)
-    if name != "ray":
-        raise ConfigError(f"--executor {name!r}: choose local or ray")
-    if not (0 < cpus_per_cell < 1e4):
-        raise ConfigError(f"--cpus-per-cell {cpus_per_cell:g}: give a positive number")
     from alexnet import cluster
 
-    if gpus_per_cell is not None:
-        cluster.check_gpus_per_cell(gpus_per_cell)
     ray = cluster.connect(address)
     cluster.check_shared_stores(ray, stores)
     resources = cluster.plan_resources(ray, cells, gpus_per_cell, cpus_per_cell)
@@ -136,26 +147,36 @@ def executor_for(name: str, jobs: int, cells: list[Any], address: str | None,
 
 
 class _Lines(logging.Formatter):
-    """The message alone; warnings and errors say so."""
+    """The message (after the time, where the format has one); warnings and errors say so."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        if record.levelno >= logging.WARNING:
+            record.message = f"{record.levelname.lower()}: {record.message}"
+        return super().formatMessage(record)
 
 
 def configure_logging(target: Console | None = None) -> None:
     """Lines from alexnet's loggers (data decoding, each epoch, each cell's end) at INFO and
     everyone else's warnings go through rich, above any progress bars, with the time; MLflow
     neither sets up its own stderr handler nor draws download bars that would break them.
-    Call before MLflow is imported (it reads its switch then); worker processes inherit it."""
+    Call before MLflow is imported (it reads its switch then); worker processes inherit it.
+
+    Not in a terminal (a pipe, a file, a batch job's log) the lines go to stderr as plain
+    text, one line each however long, so that they can be grepped."""
     from rich.logging import RichHandler
 
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    handler = RichHandler(console=target or err_console, show_level=False, show_path=False,
-                          markup=False, highlighter=None, log_time_format="[%X]",
-                          omit_repeated_times=False)
-    handler.setFormatter(_Lines("%(message)s"))
+    console = target or err_console
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_level=False, show_path=False,
+                              markup=False, highlighter=None, log_time_format="[%X]",
+                              omit_repeated_times=False)
+        handler.setFormatter(_Lines("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Lines("[%(asctime)s] %(message)s", "%H:%M:%S"))
     handler.ablate = True  # type: ignore[attr-defined]  # ours: replaced, others kept
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not getattr(h, "ablate", False)] + [handler]

@@ -24,6 +24,13 @@ def system_metrics(run_id: str, uri: str, *, resume: bool) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
+        # MLflow's loop drops the samples of its last, unfinished interval, so a cell
+        # shorter than one (a --quick cell takes about a second) would log none: publish
+        # what it collected since, with one sample taken now.
+        with contextlib.suppress(Exception):  # a run must not fail over its system metrics
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
 
 class StepProfiler:

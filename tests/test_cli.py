@@ -107,6 +107,7 @@ def test_grid_logs_one_parent_and_a_finished_child_per_cell_then_skips_them(tmp_
     assert shown.stdout.count("finished") == 4 and "new" not in shown.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_mid_cell_then_rerun_resumes_to_the_same_numbers(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
@@ -139,6 +140,7 @@ def test_sigkill_mid_cell_then_rerun_resumes_to_the_same_numbers(tmp_path):
             assert r.data.metrics[name] == pytest.approx(want[name], rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
 def test_jobs_2_runs_8_cells_without_duplicates(tmp_path):
     tiny(tmp_path, seeds=(0, 1, 2, 3))
     result = ablate(tmp_path, "run", "tiny", "--jobs", "2")
@@ -168,6 +170,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ui_serves_the_runs_through_the_rest_api(tmp_path):
     tiny(tmp_path, seeds=(0,))
     assert ablate(tmp_path, "run", "tiny").returncode == 0

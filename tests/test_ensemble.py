@@ -12,7 +12,7 @@ from alexnet.config import RunConfig, build_config
 from alexnet.data import Data, open_data
 from alexnet.ensemble import evaluate_ensemble, member_probs
 from alexnet.errors import DataError
-from alexnet.train import evaluate
+from alexnet.train import autocast_for, evaluate
 
 CPU = torch.device("cpu")
 # 12 held-out images in batches of 5: a ragged last batch.
@@ -80,7 +80,8 @@ def test_member_probs_are_each_models_softmax_and_their_mean_the_average(data, m
 
 def test_each_member_scores_exactly_what_evaluate_reports(data, members):
     cfg, d = data
-    result = evaluate_ensemble(members, d.eval_batches(cfg.train.eval_batch_size), CPU)
+    result = evaluate_ensemble(members, d.eval_batches(cfg.train.eval_batch_size), CPU,
+                               autocast=lambda: autocast_for(CPU, cfg))  # as grid.py calls it
     assert result.images == d.val_size
     for model, scores in zip(members, result.members, strict=True):
         loss, error, error5 = evaluate(model, d, CPU, cfg, channels_last=False)

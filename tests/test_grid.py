@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from test_cli import ablate, store_runs
 
 SHARED_BASE = """\
@@ -40,6 +41,7 @@ seeds: [0, 1]
 BOTH = "name: both\ntitle: both\ninclude: [act, pool]\n"
 
 
+@pytest.mark.slow
 def test_a_cell_shared_by_two_ablations_is_trained_once_and_reported_in_both(tmp_path: Path):
     folder = tmp_path / "ablations"
     folder.mkdir()
@@ -80,6 +82,7 @@ def test_a_cell_shared_by_two_ablations_is_trained_once_and_reported_in_both(tmp
     assert len(store_runs(tmp_path, "act")[1]) == len(act_runs)
 
 
+@pytest.mark.slow
 def test_every_arm_with_two_seeds_gets_an_ensemble_run(tmp_path: Path):
     folder = tmp_path / "ablations"
     folder.mkdir()

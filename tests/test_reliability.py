@@ -46,6 +46,7 @@ def exactly_once(cwd: Path) -> dict[str, dict[str, float]]:
             if r.info.status == "FINISHED"}
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_at_a_cell_checkpoint_never_runs_and_the_cell_retrains(tmp_path):
     tiny(tmp_path, seeds=(0,), epochs=4, train=1024)
     proc = start(tmp_path)
@@ -83,6 +84,7 @@ def test_processes_started_together_train_every_cell_exactly_once(tmp_path, jobs
     assert len(exactly_once(tmp_path)) == 6
 
 
+@pytest.mark.slow
 def test_sigterm_is_ctrl_c_one_line_exit_143_and_the_rerun_resumes(tmp_path):
     tiny(tmp_path, seeds=(0,), epochs=4, train=1024)
     proc = start(tmp_path)
@@ -136,6 +138,7 @@ def test_twenty_sigkills_at_random_times_never_break_the_store(tmp_path):
                     f"kill {i}: {name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_broken_store_is_one_line_naming_the_file(tmp_path, damage):
     tiny(tmp_path, seeds=(0,), epochs=1)
@@ -154,6 +157,7 @@ def test_a_broken_store_is_one_line_naming_the_file(tmp_path, damage):
     assert db.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_half_migrated_store_from_an_old_crash_is_one_line(tmp_path):
     """What an interrupted migration used to leave: alembic's temporary table."""
     tiny(tmp_path, seeds=(0,), epochs=1)
@@ -167,6 +171,7 @@ def test_a_half_migrated_store_from_an_old_crash_is_one_line(tmp_path):
     assert str(db) in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i (an immutable store) needs root")
 def test_reading_a_read_only_store_needs_no_write(tmp_path):
     tiny(tmp_path, seeds=(0,), epochs=1)

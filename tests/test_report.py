@@ -119,7 +119,7 @@ def _cell(ablation: str, axis: str, arm: str, seed: int, claims: list[str], *,
           tuned: bool = False, scale: dict | None = None) -> Cell:
     # the store's data size is pinned here, so the header test does not follow the profile
     overrides: dict[str, object] = {"seed": seed, "data.synthetic.train_size": 1024,
-                                    **(scale or {})}
+                                    "data.synthetic.val_size": 512, **(scale or {})}
     key = ARM_KEYS.get(axis)
     if key:
         overrides[key] = {"on": True, "off": False}.get(arm, arm)

@@ -33,7 +33,7 @@ from alexnet.serving.classifier import decode_image, load_classifier, preprocess
 from alexnet.serving.record import heldout_predictions
 from alexnet.serving.runs import match_arm
 from alexnet.serving.server import curl_line
-from alexnet.train import softmax_probs
+from alexnet.train import autocast_for, softmax_probs, use_channels_last
 
 ABLATE = str(Path(sys.executable).parent / "ablate")
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,15 @@ def _cell_files(folder: Path, **overrides: object) -> tuple[object, object, Path
     return Cell("t", {"activation": "relu"}, 0, cfg), data, model
 
 
+def _as_evaluated(model, cfg, batches) -> torch.Tensor:
+    """Softmax outputs as ``evaluate`` computes them: the run's precision and layout."""
+    cpu = torch.device("cpu")
+    channels_last = use_channels_last(cpu, cfg)
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    with torch.no_grad(), autocast_for(cpu, cfg):
+        return torch.cat([softmax_probs(model, x, channels_last).float() for x, _ in batches])
+
+
 def _load(folder: Path):
     return load_classifier(folder / "config.yaml", folder / "weights" / "model.pt",
                            folder / "weights" / "preprocess.json", device="cpu")
@@ -90,8 +99,8 @@ def test_raw_images_get_exactly_the_predictions_evaluation_counted(tmp_path, ove
     cell, data, model = _cell_files(tmp_path, **overrides)
     classifier = _load(tmp_path)
     assert classifier.input_size == cell.config.data.image_size
-    with torch.no_grad():  # the data pipeline's normalised crops, as `evaluate` scores them
-        expected = torch.cat([softmax_probs(model, x, False) for x, _ in data.eval_batches(16)])
+    # the data pipeline's normalised crops, as `evaluate` scores them
+    expected = _as_evaluated(model, cell.config, data.eval_batches(16))
     raw = data.val_images  # uint8, the size the cell trained on
     assert torch.allclose(classifier.probabilities(raw), expected, atol=1e-5)
     # An image file of a validation image (PNG is lossless) is the same input.
@@ -145,8 +154,7 @@ def test_a_config_from_another_version_is_a_config_error(tmp_path):
 def test_heldout_predictions_keep_the_wrong_images_pixel_for_pixel(tmp_path, overrides):
     cell, data, model = _cell_files(tmp_path, **overrides)
     held = heldout_predictions(cell, model, data)
-    with torch.no_grad():
-        probs = torch.cat([softmax_probs(model, x, False) for x, _ in data.eval_batches(16)])
+    probs = _as_evaluated(model, cell.config, data.eval_batches(16))
     assert str(held["split"]) == "val" and list(held["classes"]) == data.classes
     np.testing.assert_array_equal(held["label"], data.val_labels.numpy())
     np.testing.assert_array_equal(held["predicted"], probs.argmax(1).numpy())

@@ -60,6 +60,13 @@ class Classifier:
 
     def __init__(self, cfg: RunConfig, model: nn.Module, classes: list[str], stats: Stats,
                  device: torch.device) -> None:
+        from alexnet.train import use_channels_last
+
+        # The layout and precision evaluation used (train.py), so that an image gets the
+        # probabilities its cell's held-out scores counted.
+        self.channels_last = use_channels_last(device, cfg)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.cfg, self.model, self.classes, self.device = cfg, model.eval(), classes, device
         self.stats = stats.to(device)
         self.augment = Augment.from_config(cfg.data)
@@ -86,7 +93,7 @@ class Classifier:
         self.check_size(images.shape[3], images.shape[2], "an image")
         x = eval_batch(images.to(self.device), self.augment, self.stats, self.cfg.data.ten_crop)
         with autocast_for(self.device, self.cfg):
-            return softmax_probs(self.model, x, channels_last=False).cpu()
+            return softmax_probs(self.model, x, self.channels_last).float().cpu()
 
     def predict(self, images: Tensor) -> list[Prediction]:
         probs = self.probabilities(images)
