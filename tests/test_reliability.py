@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ABLATE, ablate, children, store_runs, tiny
+from test_cli import ABLATE, children, store_runs, tiny
 
+# One thread per process, for every process of this module alike: many run at once here,
+# and a run's numbers depend on its thread count (reductions split differently), so a
+# reference and a resumed store must be made with the same one.
 ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+
+def ablate(cwd: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([ABLATE, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
@@ -129,13 +137,8 @@ def test_twenty_sigkills_at_random_times_never_break_the_store(tmp_path):
         got = exactly_once(folder)
         assert got.keys() == reference.keys(), f"kill {i}"
         for key, metrics in got.items():
-            # Errors are counts of images: equal. A loss may differ in its last float32 bit
-            # (once in 20 kills a batch's loss was one ulp apart, 7e-9 of the epoch mean): a
-            # restored process can take another vectorised path through the same sums.
-            assert metrics["final_val_error"] == reference[key]["final_val_error"], f"kill {i}"
-            for name in ("final_train_loss", "final_val_loss"):
-                assert metrics[name] == pytest.approx(reference[key][name], rel=1e-6, abs=0), \
-                    f"kill {i}: {name}"
+            for name in ("final_val_error", "final_train_loss", "final_val_loss"):
+                assert metrics[name] == reference[key][name], f"kill {i}: {name}"
 
 
 @pytest.mark.slow

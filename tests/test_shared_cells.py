@@ -52,7 +52,7 @@ def test_a_cell_shared_by_three_ablations_points_every_copy_at_the_trained_run(t
         trained = cells[copy.data.tags["ablate.reused_from"]]
         assert "ablate.reused_from" not in trained.data.tags  # the one that trained, no link
         assert trained.info.experiment_id == copy.data.tags["ablate.reused_from_experiment"]
-        assert [a.path for a in c.list_artifacts(trained.info.run_id, "weights")] == \
-            ["weights/model.pt"]
+        assert "weights/model.pt" in [a.path for a in c.list_artifacts(trained.info.run_id,
+                                                                        "weights")]
     ensembles = [r for r in runs if r.data.tags.get("ablate.kind") == "ensemble"]
     assert len(ensembles) == 6  # every arm of every ablation, two seeds each
