@@ -79,9 +79,8 @@ def run_ablation(ablation: Ablation, cells: list[Cell], uri: str, *,
         mine = [cell for cell in cells if cell.ablation == name]
         exp_ids[name] = tracking.get_experiment_id(c, uri, name)
         # The description, and a view of this grid's cells grouped by arm (MLflow's UI).
-        for key, value in {**ui.experiment_tags(members[name]),
-                           **ui.grid_view_tags(mine)}.items():
-            c.set_experiment_tag(exp_ids[name], key, value)
+        tracking.set_experiment_tags(c, exp_ids[name], {**ui.experiment_tags(members[name]),
+                                                         **ui.grid_view_tags(mine)})
         tracking.close_stale_runs(c, exp_ids[name])
     first: dict[str, Cell] = {}
     later: list[Cell] = []

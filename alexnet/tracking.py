@@ -62,6 +62,28 @@ def get_experiment_id(c: Any, uri: str, name: str, *, create: bool = True,
         return c.get_experiment_by_name(name).experiment_id
 
 
+def set_experiment_tags(c: Any, exp_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an experiment that other processes may be tagging at the same moment.
+
+    MLflow's SQL store sets a tag with a read, then an insert or update: two processes
+    inserting the same new key collide on its unique key (seen with two shells starting one
+    grid on PostgreSQL). The loser tries again, when the row exists and it is an update."""
+    from mlflow.exceptions import MlflowException
+
+    current = c.get_experiment(exp_id).tags
+    for key, value in tags.items():
+        if current.get(key) == value:
+            continue
+        for attempt in range(3):
+            try:
+                c.set_experiment_tag(exp_id, key, value)
+                break
+            except MlflowException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
+
 def experiment_ids(c: Any) -> list[str]:
     return [e.experiment_id for e in c.search_experiments(max_results=50000)]
 
