@@ -468,6 +468,9 @@ def test_the_demo_page_shows_both_arms_top5_for_a_dropped_image(quick_grid):
                 page.locator("input[type=file]").set_input_files(str(root / "image.png"))
                 page.get_by_text("activation=tanh", exact=True).wait_for(timeout=120_000)
                 page.get_by_text(f"1. {tanh['class']} — ").first.wait_for(timeout=120_000)
+                last = tanh["top5"][-1]  # Streamlit draws line by line: wait for the last one
+                page.get_by_text(f"5. {last['class']} — {100 * last['probability']:.1f}%"
+                                 ).first.wait_for(timeout=60_000)
                 page.screenshot(path=str(root / "demo.png"), full_page=True)
                 text = page.inner_text("body")
                 page.locator("input[type=file]").set_input_files(str(root / "wide.png"))
