@@ -177,7 +177,7 @@ class RayExecutor:
 
     def run(self, fn: TaskFn, tasks: Sequence[Any], *, on_event: Emit, on_done: OnDone) -> None:
         ray = connect(self.address)
-        events = ray.remote(num_cpus=0)(EventBox).remote()
+        events = event_box(ray)
         remote = ray.remote(run_task).options(
             num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
             max_retries=self.max_retries, retry_exceptions=False)
@@ -214,6 +214,17 @@ def _result(ray: Any, ref: Any) -> Any:
     except rex.RayError as err:  # the worker or its node died once more than retried
         return WorkerDied(f"its Ray worker died {MAX_RETRIES + 1} times "
                           f"({str(err).strip().splitlines()[0][:200]})")
+
+
+def event_box(ray: Any) -> Any:
+    """The EventBox actor, on this process's node: placed anywhere, it could land on a worker
+    node that dies and take the whole grid with it (seen in the node-kill test, 3 runs in 5).
+    Should its node die anyway it is restarted, and its calls retried, losing only events."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                      scheduling_strategy=here)(EventBox).remote()
 
 
 def _forward(ray: Any, events: Any, on_event: Emit) -> None:
