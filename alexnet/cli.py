@@ -221,7 +221,7 @@ def run(
     guess = wanted_jobs if wanted_jobs != "auto" else 1  # the ETA's until auto has measured
     history, todo = announce(ab.name, cells, client_if_any(uri), guess, force=force, yes=yes,
                              limit=CONFIRM_CELLS)
-    with RichProgress(console, workers=guess, past=history.seconds) as progress:
+    with RichProgress(console, past=history.seconds) as progress:
         with progress.preparing_data():
             preflight_data(todo)  # the data of cells that will train: checked, decoded once
         store.client(uri)  # a broken store is one line before any cell starts
@@ -231,7 +231,7 @@ def run(
             if decision.reason:
                 console.print(decision.reason, highlight=False)
             jobs_now = decision.jobs
-        progress.grid_clock.workers = jobs_now
+        progress.set_workers(jobs_now)
         runner = executor_for(executor, jobs_now, cells, ray_address, gpus_per_cell,
                               cpus_per_cell, {"--tracking-uri": uri})
         result = run_ablation(ab, cells, uri, force=force, progress=progress, profile=profile,

@@ -85,6 +85,10 @@ class RichProgress(GridProgress):
         self.clocks: dict[str, CellClock] = {}
         self.labels: dict[str, str] = {}
 
+    def set_workers(self, workers: int) -> None:
+        """Cells at once, once known (``--jobs auto`` decides after the data is open)."""
+        self.grid_clock.workers = max(1, workers)
+
     def __enter__(self) -> RichProgress:
         self.bars.__enter__()
         return self
