@@ -183,22 +183,26 @@ def _log_ensemble(c: Any, experiment_id: str, parent_run_id: str | None,
     from alexnet.ensemble import evaluate_ensemble
     from alexnet.models import build_model_from_config
     from alexnet.runner import WEIGHTS_ARTIFACT, open_data_once
-    from alexnet.train import autocast_for, resolve_device
+    from alexnet.train import autocast_for, resolve_device, use_channels_last
 
     cell = members[0][0]
     data = open_data_once(cell)
     device = resolve_device(cell.config.runtime.device)
+    # The precision and layout the members were evaluated in, so that each member scores
+    # here what its run logged.
+    channels_last = use_channels_last(device, cell.config)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     models = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (member, run) in enumerate(members):
             path = c.download_artifacts(_trained(c, run), WEIGHTS_ARTIFACT, f"{tmp}/{i}")
             model = build_model_from_config(member.config.model, data.num_classes)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            models.append(model.to(device))
+            models.append(model.to(device, memory_format=layout))
     split = "test" if data.test_size else "val"
     size = cell.config.train.eval_batch_size
     batches = data.test_batches(size) if split == "test" else data.eval_batches(size)
-    result = evaluate_ensemble(models, batches, device,
+    result = evaluate_ensemble(models, batches, device, channels_last=channels_last,
                                autocast=lambda: autocast_for(device, cell.config))
     run = c.create_run(experiment_id, tags={
         "ablate.kind": "ensemble", "ablation": cell.ablation, "arm": cell.arm_label,

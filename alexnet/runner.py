@@ -202,9 +202,11 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
             stack.enter_context(system_metrics(run_id, task.uri, resume=resume_id is not None))
             if task.profile:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                profiler = stack.enter_context(StepProfiler(folder))
-                step_done = profiler.chain(step_done)
+                profiler = StepProfiler(folder)
+                # Logged after the profiler has exited: a run shorter than its schedule
+                # writes its trace on exit, with the steps it had.
                 stack.callback(_log_trace, c, run_id, profiler)
+                step_done = stack.enter_context(profiler).chain(step_done)
             result = train_run(cell.config, checkpoint=checkpoint, data=data,
                                on_epoch=epoch_done, on_step=step_done, on_end=kept.append,
                                score_test=task.score_test, on_phase=phase)
@@ -339,17 +341,16 @@ def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
 
 def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: Any,
                    outputs: bool = False) -> None:
-    """The resolved config, the learning curves and the final weights (a state dict: loading
-    it runs no code); with ``outputs`` (grid cells, not sweep trials), what serving and the
-    report need too: held-out predictions and the MLflow model (alexnet.serving.record)."""
+    """The resolved config and the final weights (a state dict: loading it runs no code);
+    with ``outputs`` (grid cells, not sweep trials), what serving and the report need too:
+    held-out predictions and the MLflow model (alexnet.serving.record). No learning-curve
+    image: MLflow's chart view draws the per-epoch metrics, and the report each arm's."""
     import torch
     import yaml
 
     with tracking.artifact_dir(c, run_id) as folder:
         (folder / "config.yaml").write_text(
             yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
-        if result.history:
-            plot_learning_curves(result, cell, folder / "learning_curves.png")
         if model is not None:
             (folder / "weights").mkdir()
             torch.save(model.state_dict(), folder / WEIGHTS_ARTIFACT)
@@ -358,23 +359,6 @@ def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: An
 
                 log_cell_outputs(c, run_id, cell, model, open_data_once(cell), folder,
                                  folder / WEIGHTS_ARTIFACT)
-
-
-def plot_learning_curves(result: RunResult, cell: Cell, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = [h.epoch for h in result.history]
-    fig = Figure(figsize=(6, 3.5), dpi=110, layout="tight")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(epochs, [100 * h.train_error for h in result.history], label="training error")
-    ax.plot(epochs, [100 * h.val_error for h in result.history], label="validation error")
-    target = 100 * cell.config.train.target_train_error
-    ax.axhline(target, ls="--", c="grey", lw=1, label=f"{target:.0f}% target")
-    ax.set(xlabel="epoch", ylabel="top-1 error (%)", title=f"{cell.arm_label}, seed {cell.seed}")
-    ax.legend()
-    fig.savefig(path)
 
 
 # --- data, opened once per process -----------------------------------------------------------

@@ -9,6 +9,7 @@ ConfigError that names the file and the line, raised before anything is built fr
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
@@ -128,10 +129,16 @@ def _construct_mapping(loader: _Loader, node: MappingNode, deep: bool = False) -
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# No config value is a date: 2024-01-01 stays the text it is (a folder name, say).
+# No config value is a date: 2024-01-01 stays the text it is (a folder name, say). And only
+# true/false are booleans, as in YAML 1.2: PyYAML's YAML 1.1 also reads on/off/yes/no as
+# booleans, which turned `--set runtime.amp=off` and an arm named `off:` into False.
+_BOOL = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith(":timestamp")]
+    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith(":timestamp")
+            and tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 
 def load_yaml(text: str, name: str) -> Any:

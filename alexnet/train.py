@@ -56,10 +56,14 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
+    # fused: the whole update as one kernel over all parameters, on CPU and CUDA alike; the
+    # per-tensor loop costs more than the arithmetic for the small nets (quick profile: 5%
+    # of a step). Same update, elementwise, so still deterministic.
     if o.name == "adam":  # what blog implementations use; the paper uses SGD (Section 5)
-        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                fused=True)
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                           weight_decay=o.weight_decay)
+                           weight_decay=o.weight_decay, fused=True)
 
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Any:

@@ -188,6 +188,18 @@ def test_parse_set_reads_yaml_scalars_and_rejects_unknown_keys():
         parse_set(["optim.lr"])
 
 
+def test_on_off_yes_no_are_text_and_only_true_false_are_booleans(tmp_path):
+    """YAML 1.2's booleans, not YAML 1.1's: `--set runtime.amp=off` means the amp mode named
+    off, and an arm may be called off without quotes."""
+    assert parse_set(["runtime.amp=off", "data.flip=False", "data.random_crop=true"]) == {
+        "runtime.amp": "off", "data.flip": False, "data.random_crop": True}
+    path = tmp_path / "onoff.yaml"
+    path.write_text("name: onoff\ntitle: on and off\nbase: {profile: quick}\naxes:\n  dropout:\n"
+                    "    on: {model.dropout: 0.5}\n    off: {model.dropout: 0.0}\n"
+                    "reference: {dropout: on}\nseeds: [0]\n")
+    assert sorted(c.arms["dropout"] for c in load_ablation(str(path)).cells()) == ["off", "on"]
+
+
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="train.epochs"):
         build_config("quick", {"train.epochs": "many"})

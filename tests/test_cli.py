@@ -94,7 +94,7 @@ def test_grid_logs_one_parent_and_a_finished_child_per_cell_then_skips_them(tmp_
         assert "final_val_error" in r.data.metrics
         assert "system/cpu_utilization_percentage" in r.data.metrics
         artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "learning_curves.png", "weights"} <= artifacts
+        assert {"config.yaml", "weights"} <= artifacts
         assert "resume" not in artifacts  # the resume checkpoint goes once the cell finishes
     assert sorted(os.listdir(tmp_path)) == ["ablations", "mlruns"]  # nothing else left behind
 
@@ -150,6 +150,8 @@ def test_jobs_2_runs_8_cells_without_duplicates(tmp_path):
 
 
 def test_profile_saves_a_trace_of_a_few_steps(tmp_path):
+    # 2 epochs of 4 steps: the run ends inside the profiler's 9-step schedule, whose trace
+    # is written as it exits, with the steps it had.
     tiny(tmp_path, seeds=(0,))
     result = ablate(tmp_path, "run", "tiny", "--profile")
     assert result.returncode == 0, result.stderr

@@ -19,6 +19,7 @@ from alexnet.errors import ConfigError
 from alexnet.models.layers import LocallyConnected2d
 from alexnet.train import (
     Checkpoint,
+    autocast_for,
     cpu_has_native_bf16,
     evaluate,
     train_run,
@@ -143,9 +144,12 @@ def test_ten_crop_evaluation_scores_the_averaged_softmax():
     pad, crop = ten.data.crop_padding, ten.data.crop_size
     canvas = torch.nn.functional.pad(data.val_images, (pad,) * 4)
     model = models[0].eval()
-    with torch.no_grad():
-        probs = torch.stack([model(normalize(view, data.stats)).softmax(1)
-                             for view in TF.ten_crop(canvas, [crop, crop])]).mean(0)
+    cpu = torch.device("cpu")
+    layout = torch.channels_last if use_channels_last(cpu, ten) else torch.contiguous_format
+    with torch.no_grad(), autocast_for(cpu, ten):  # the precision and layout evaluation uses
+        probs = torch.stack([
+            model(normalize(view, data.stats).contiguous(memory_format=layout)).float()
+            .softmax(1) for view in TF.ten_crop(canvas, [crop, crop])]).mean(0)
     expected = (probs.argmax(1) != data.val_labels).double().mean().item()
     assert many.history[0].val_error == pytest.approx(expected, abs=1e-9)
     assert evaluate(model, data, torch.device("cpu"), ten, False)[1] == pytest.approx(expected)
