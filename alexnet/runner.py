@@ -23,7 +23,7 @@ from alexnet import store, tracking
 from alexnet.ablation import Cell
 from alexnet.errors import AblateError
 from alexnet.instrument import StepProfiler, system_metrics
-from alexnet.results import EpochMetrics, RunResult
+from alexnet.results import EpochMetrics
 from alexnet.runlog import RunLog, cell_label, end_line, epoch_line
 
 State = Literal["finished", "failed", "diverged", "skipped", "reused", "running",
@@ -237,8 +237,7 @@ def _train(c: Any, task: CellTask, claim: tracking.Claim | None, resume_id: str 
     finally:
         runlog.close()
     phase("saving")
-    _log_artifacts(c, run_id, cell, result, kept[0] if kept else None,
-                   outputs=task.kind == "cell")
+    _log_artifacts(c, run_id, cell, kept[0] if kept else None, outputs=task.kind == "cell")
     tracking.end_cell_run(c, run_id, result)
     if checkpoint is not None:  # finished, or diverged: nothing left to resume
         checkpoint.remove()
@@ -339,8 +338,8 @@ def _log_trace(c: Any, run_id: str, profiler: StepProfiler) -> None:
         c.log_artifact(run_id, str(profiler.trace), artifact_path="profile")
 
 
-def _log_artifacts(c: Any, run_id: str, cell: Cell, result: RunResult, model: Any,
-                   outputs: bool = False) -> None:
+def _log_artifacts(c: Any, run_id: str, cell: Cell, model: Any, outputs: bool = False
+                   ) -> None:
     """The resolved config and the final weights (a state dict: loading it runs no code);
     with ``outputs`` (grid cells, not sweep trials), what serving and the report need too:
     held-out predictions and the MLflow model (alexnet.serving.record). No learning-curve
